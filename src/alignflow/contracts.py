@@ -1,0 +1,167 @@
+"""Data contracts: one great-expectations suite per dataset the pipeline writes.
+
+`validate(name, records, data_path)` checks the records against suite `name` in an ephemeral
+great-expectations context before the stage renames `data_path` into place. On failure it writes the
+full validation result to `<data_path>.validation.json`, and raises `ContractError` listing each failed
+expectation with a few offending rows; the stage then exits non-zero and writes no data.
+
+Suites are plain data (expectation name -> arguments) so a newcomer reads them at a glance; nested
+fields are flattened into scalar columns by the suite's `columns` function first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alignflow.io import dump_json
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+
+class ContractError(ValueError):
+    """A dataset broke its contract."""
+
+
+@dataclass(frozen=True)
+class Suite:
+    columns: Callable[[dict[str, Any]], dict[str, Any]]  # record -> flat row
+    expectations: Sequence[tuple[str, dict[str, Any]]]  # (ExpectationClassName, kwargs)
+
+
+def _text(column: str, min_length: int = 1, max_length: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        ("ExpectColumnValuesToNotBeNull", {"column": column}),
+        ("ExpectColumnValuesToBeOfType", {"column": column, "type_": "str"}),
+        ("ExpectColumnValueLengthsToBeBetween", {"column": column, "min_value": min_length, "max_value": max_length}),
+    ]
+
+
+def _unique_id() -> list[tuple[str, dict[str, Any]]]:
+    return [("ExpectColumnValuesToBeUnique", {"column": "id"}), *_text("id")]
+
+
+def _bool(column: str) -> list[tuple[str, dict[str, Any]]]:
+    return [("ExpectColumnValuesToBeInSet", {"column": column, "value_set": [True, False]})]
+
+
+def _instruction_row(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r.get(k) for k in ("id", "instruction", "input", "output", "is_classification")}
+
+
+SUITES: dict[str, Suite] = {
+    "seed_tasks": Suite(
+        columns=lambda r: {
+            "id": r.get("id"),
+            "instruction": r.get("instruction"),
+            "is_classification": r.get("is_classification"),
+            "n_instances": len(r.get("instances") or []),
+            "first_output": (r.get("instances") or [{}])[0].get("output"),
+        },
+        expectations=[
+            *_unique_id(),
+            *_text("instruction"),
+            *_bool("is_classification"),
+            ("ExpectColumnValuesToBeBetween", {"column": "n_instances", "min_value": 1}),
+            *_text("first_output"),
+        ],
+    ),
+    "machine_instructions": Suite(
+        columns=lambda r: {**_instruction_row(r), "round": (r.get("provenance") or {}).get("round")},
+        expectations=[
+            *_unique_id(),
+            *_text("instruction", max_length=4000),
+            *_text("input", min_length=0),
+            *_text("output", min_length=0),
+            *_bool("is_classification"),
+            ("ExpectColumnValuesToBeBetween", {"column": "round", "min_value": 0}),
+        ],
+    ),
+    "filtered_instructions": Suite(
+        columns=_instruction_row,
+        expectations=[
+            *_unique_id(),
+            *_text("instruction"),
+            ("ExpectColumnValuesToBeUnique", {"column": "instruction"}),
+            *_text("input", min_length=0),
+            *_text("output"),
+            *_bool("is_classification"),
+        ],
+    ),
+    "formatted": Suite(
+        columns=lambda r: {
+            "id": r.get("id"),
+            "split": r.get("split"),
+            "prompt": r.get("prompt"),
+            "completion": r.get("completion"),
+            "text": r.get("text"),
+            "chat_text": r.get("chat_text"),
+            "n_messages": len(r.get("messages") or []),
+        },
+        expectations=[
+            *_unique_id(),
+            ("ExpectColumnValuesToBeInSet", {"column": "split", "value_set": ["train", "eval"]}),
+            *_text("prompt"),
+            *_text("completion"),
+            *_text("text"),
+            *_text("chat_text"),
+            ("ExpectColumnValuesToBeBetween", {"column": "n_messages", "min_value": 2, "max_value": 3}),
+        ],
+    ),
+}
+
+
+def _failure_summary(result: Any, rows: list[dict[str, Any]], limit: int = 3) -> list[str]:
+    lines = []
+    for item in result.results:
+        if item.success:
+            continue
+        config = item.expectation_config
+        column = config.kwargs.get("column")
+        found = item.result or {}
+        indices = (found.get("unexpected_index_list") or [])[:limit]
+        examples = [f"row {i} (id={rows[i].get('id')!r}): {rows[i].get(column)!r}"[:160] for i in indices]
+        if not indices and found.get("partial_unexpected_list"):
+            examples = [repr(v)[:120] for v in found["partial_unexpected_list"][:limit]]
+        count = found.get("unexpected_count")
+        head = f"{config.type}(column={column!r})" + (f": {count} rows" if count is not None else "")
+        lines.append(head + "".join(f"\n      {e}" for e in examples))
+    return lines
+
+
+def validate(name: str, records: Sequence[dict[str, Any]], data_path: str | Path) -> None:
+    """Check `records` against suite `name`; on failure write `<data_path>.validation.json` and raise."""
+    import great_expectations as gx  # slow import (~5 s): only when a stage validates
+    import pandas as pd
+
+    suite_def = SUITES[name]
+    rows = [suite_def.columns(r) for r in records]
+    frame = pd.DataFrame(rows, columns=list(suite_def.columns({}).keys()), dtype=object)
+
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    asset = context.data_sources.add_pandas("alignflow").add_dataframe_asset(name)
+    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
+    suite = gx.ExpectationSuite(name=name)
+    for expectation, kwargs in suite_def.expectations:
+        suite.add_expectation(getattr(gx.expectations, expectation)(**kwargs))
+    if not rows:
+        raise ContractError(f"{data_path}: contract '{name}': the dataset is empty")
+    result = batch.validate(suite, result_format="COMPLETE")
+    if result.success:
+        return
+    report = Path(f"{data_path}.validation.json")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    dump_json(result.to_json_dict(), report)
+    failed = _failure_summary(result, rows)
+    raise ContractError(
+        f"{data_path}: contract '{name}' failed ({len(failed)} expectations; full result in {report}):\n    "
+        + "\n    ".join(failed)
+    )

@@ -1,0 +1,177 @@
+"""params.yaml -> typed, validated settings.
+
+Reads `params.yaml` and validates it against `workflow/schemas/params.schema.yaml` (the same schema
+the Snakefile applies), then builds one frozen dataclass per section. Every error names the file,
+the line and the key, and says what was expected:
+
+    params.yaml:42: filter.rouge_threshold: 1.5 is greater than the maximum of 1
+
+The schema is the one definition: tests/test_params.py checks these dataclasses against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_RELPATH = Path("workflow/schemas/params.schema.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, malformed or does not match the schema."""
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name_or_path: str
+    gguf_file: str | None
+    revision: str | None
+    trust_remote_code: bool
+    dtype: str
+
+
+@dataclass(frozen=True)
+class PathParams:
+    seeds: str
+    base_model: str
+    generated: str
+    filtered: str
+    train: str
+    eval: str
+    metrics: str
+    logs: str
+
+
+@dataclass(frozen=True)
+class SelfInstructParams:
+    backend: str
+    generator: str | None
+    api_base: str | None
+    api_key_env: str
+    chat_template: bool
+    num_instructions: int
+    num_prompt_instructions: int
+    num_machine_examples: int
+    batch_size: int
+    max_rounds: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    instance_max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    min_tokens: int
+    max_tokens: int
+    blacklist: tuple[str, ...]
+    rouge_threshold: float
+
+
+@dataclass(frozen=True)
+class FormatParams:
+    eval_fraction: float
+    system_prompt: str | None
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    model: ModelParams
+    paths: PathParams
+    self_instruct: SelfInstructParams
+    filter: FilterParams
+    format: FormatParams
+
+
+def schema_path(params_file: Path) -> Path:
+    """The schema lives in the repository beside params.yaml (the stages run from the repository root)."""
+    return params_file.resolve().parent / SCHEMA_RELPATH
+
+
+def _line_of(root: yaml.Node | None, keys: list[Any]) -> int | None:
+    """1-based line of the deepest node along `keys` in the composed YAML tree."""
+    node, line = root, None
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(key)]
+            if not match:
+                break
+            key_node, node = match[0]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _describe(error: jsonschema.ValidationError) -> tuple[list[Any], str]:
+    """The offending key path and a message that says what was expected."""
+    path = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return path + extra[:1], f"unknown key {extra[0]!r}; expected one of: {', '.join(allowed)}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1]
+        return path + [missing], f"missing key; this section needs: {', '.join(error.validator_value)}"
+    return path, error.message
+
+
+def validate(data: Any, params_file: Path, text: str) -> None:
+    schema = yaml.safe_load(schema_path(params_file).read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if not errors:
+        return
+    root = yaml.compose(text)
+    lines = []
+    for error in errors:
+        path, message = _describe(error)
+        line = _line_of(root, path)
+        where = f"{params_file}:{line}" if line else str(params_file)
+        dotted = ".".join(map(str, path)) or "(top level)"
+        lines.append(f"{where}: {dotted}: {message}")
+    raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines))
+
+
+def load_params(params_file: str | Path = "params.yaml") -> Params:
+    """Read, validate and type params.yaml. Raises ParamsError naming file, line and key."""
+    params_file = Path(params_file)
+    try:
+        text = params_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{params_file}: not found (run from the repository root)") from None
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{params_file}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{params_file}:{mark.line + 1}" if mark else str(params_file)
+        raise ParamsError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    validate(data, params_file, text)
+    return Params(
+        seed=data["seed"],
+        model=ModelParams(**data["model"]),
+        paths=PathParams(**data["paths"]),
+        self_instruct=SelfInstructParams(**data["self_instruct"]),
+        filter=FilterParams(**{**data["filter"], "blacklist": tuple(data["filter"]["blacklist"])}),
+        format=FormatParams(**data["format"]),
+    )
+
+
+def section_fields() -> dict[str, list[str]]:
+    """Field names of each typed section, for the schema-agreement test."""
+    return {
+        f.name: [g.name for g in dataclasses.fields(f.type if not isinstance(f.type, str) else globals()[f.type])]
+        for f in dataclasses.fields(Params)
+        if f.name != "seed"
+    }

@@ -1,0 +1,50 @@
+# Helpers for pipeline.smk: read the resolved stages of dvc.yaml, and record a run in DVC.
+import json
+import subprocess
+from pathlib import Path
+
+import dvc.repo
+from dvc.dependency.param import ParamsDependency
+
+
+def dvc_stages():
+    """The stages of dvc.yaml, with ${...} interpolated from params.yaml and foreach/matrix expanded."""
+    with dvc.repo.Repo(".") as repo:
+        return list(repo.index.stages)
+
+
+def is_log(path):
+    return Path(path).parts[0] == Path(config["paths"]["logs"]).parts[0]
+
+
+def is_directory(path):
+    # dvc.yaml's convention: an out without a file suffix is a directory
+    return Path(path).suffix == ""
+
+
+def file_deps(stage):
+    return [str(d.def_path) for d in stage.deps if not isinstance(d, ParamsDependency)]
+
+
+def param_values(stage):
+    """The values of the stage's params, as JSON: Snakemake reruns the rule when they change."""
+    values = {}
+    for dep in stage.deps:
+        if isinstance(dep, ParamsDependency):
+            for key in dep.params:
+                value = config
+                for part in key.split("."):
+                    value = value[part]
+                values[key] = value
+    return json.dumps(values, sort_keys=True)
+
+
+def all_outputs():
+    return [str(o.def_path) for stage in dvc_stages() for o in stage.outs if not is_log(o.def_path)]
+
+
+def record_in_dvc(workflow):
+    """`dvc commit` the stages of this run's DAG: after a successful run they are all up to date."""
+    ran = sorted({job.rule.name for job in workflow.dag.jobs} & {s.name for s in dvc_stages()})
+    if ran:
+        subprocess.run(["dvc", "commit", "--force", "--quiet", *ran], check=True)

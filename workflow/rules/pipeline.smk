@@ -1,0 +1,14 @@
+# One rule per DVC stage. Values are bound through directives (params:, output:, ...), never read
+# from the loop variable inside shell:, which Snakemake would evaluate late (the last stage's cmd).
+for stage in dvc_stages():
+    outs = [str(o.def_path) for o in stage.outs]
+
+    rule:
+        name: stage.name
+        input: file_deps(stage)
+        output: [directory(p) if is_directory(p) else p for p in outs if not is_log(p)]
+        log: [p for p in outs if is_log(p)]
+        params:
+            cmd=stage.cmd,
+            values=param_values(stage),
+        shell: "{params.cmd}"
