@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny random model with the bundled SmolLM2 tokenizer, and throwaway pipeline repos.
+
+The tiny model is a 2-layer Llama built from a config (random weights, seeded) plus the real tokenizer
+and chat template of the embedded SmolLM2 GGUF, so every stage runs for real in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SEEDS = ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
+VENV_BIN = str(Path(sys.executable).parent)
+PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "src", "data/seeds", ".dvcignore"]
+
+
+def env() -> dict[str, str]:
+    """The environment for `alignflow`, `dvc` and `snakemake` subprocesses: the venv first on PATH."""
+    return {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ["PATH"], "GX_ANALYTICS_ENABLED": "False"}
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignflow.models import load_tokenizer, resolve_source
+    from alignflow.params import ModelParams
+
+    tokenizer = load_tokenizer(resolve_source(ModelParams("embedded:smollm2", None, None, False, "auto")))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def tiny_params(model_dir: Path, **overrides) -> dict:
+    """params.yaml of the project, shrunk for tests: tiny model, few instructions, short generations."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["model"]["name_or_path"] = str(model_dir)
+    params["self_instruct"].update(num_instructions=24, batch_size=8, max_new_tokens=24, instance_max_new_tokens=24)
+    params["format"]["eval_fraction"] = 0.25
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        params[section][key] = value
+    return params
+
+
+def make_repo(path: Path, params: dict) -> Path:
+    """A git + DVC repository with the project's pipeline files and the given params."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        dst = path / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dst)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    sh(["git", "init", "-q"], path)
+    sh(["git", "config", "user.email", "ci@alignflow.invalid"], path)
+    sh(["git", "config", "user.name", "alignflow tests"], path)
+    sh(["dvc", "init", "-q"], path)
+    sh(["dvc", "config", "core.analytics", "false"], path)
+    sh(["git", "add", "-A"], path)
+    sh(["git", "commit", "-qm", "pipeline"], path)
+    return path
+
+
+@pytest.fixture
+def tiny_repo(tmp_path, tiny_model_dir):
+    """A fresh pipeline repository on the tiny model."""
+    return make_repo(tmp_path / "repo", tiny_params(tiny_model_dir))
