@@ -94,3 +94,27 @@ def make_repo(path: Path, params: dict) -> Path:
 def tiny_repo(tmp_path, tiny_model_dir):
     """A fresh pipeline repository on the tiny model."""
     return make_repo(tmp_path / "repo", tiny_params(tiny_model_dir))
+
+
+def write_params(directory: Path, params: dict) -> Path:
+    """params.yaml plus the schema beside it (workflow/schemas/), as the stages expect; returns its path."""
+    schema = directory / "workflow" / "schemas" / "params.schema.yaml"
+    schema.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "workflow" / "schemas" / "params.schema.yaml", schema)
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, tiny_model_dir):
+    """An empty working directory (the cwd) with the tiny model materialised at models/base."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "base")
+    shutil.copytree(ROOT / "data" / "seeds", tmp_path / "data" / "seeds")
+    return tmp_path
+
+
+def alignflow(stage: str, cwd: Path, params: str = "params.yaml") -> subprocess.CompletedProcess:
+    """Run `alignflow --params PARAMS STAGE` in `cwd`; returns the finished process (not checked)."""
+    return sh(["alignflow", "--params", params, stage], cwd, check=False)

@@ -135,6 +135,7 @@ def _failure_summary(result: Any, rows: list[dict[str, Any]], limit: int = 3) ->
 
 def validate(name: str, records: Sequence[dict[str, Any]], data_path: str | Path) -> None:
     """Check `records` against suite `name`; on failure write `<data_path>.validation.json` and raise."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines drown the stage's log
     import great_expectations as gx  # slow import (~5 s): only when a stage validates
     import pandas as pd
 
@@ -144,7 +145,6 @@ def validate(name: str, records: Sequence[dict[str, Any]], data_path: str | Path
 
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     asset = context.data_sources.add_pandas("alignflow").add_dataframe_asset(name)

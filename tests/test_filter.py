@@ -1,0 +1,66 @@
+"""Stage filter: every rule drops what it should, counts are exact, bad records are named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignflow.io import InputError
+from alignflow.params import load_params
+from alignflow.stages import filter as filter_stage
+from alignflow.stages.filter import blacklist_matcher
+from conftest import alignflow, tiny_params, write_params
+
+
+def rec(i, instruction, output="an answer", **extra):
+    return {"id": f"m{i}", "instruction": instruction, "input": "", "output": output, "is_classification": False, **extra}
+
+
+RECORDS = [
+    rec(0, "Write a short poem about the ocean at night."),                  # kept
+    rec(1, "Explain why the sky looks blue during the day.", output="  "),   # empty_output
+    rec(2, "Hi there"),                                                       # too_short (2 tokens)
+    rec(3, " ".join(["word"] * 200)),                                         # too_long
+    rec(4, "Describe the picture of a cat on the sofa."),                     # blacklist (picture)
+    rec(5, "请根据下面的描述绘制一张流程图。"),                                   # blacklist (CJK substring)
+    rec(6, "- list three fruits that are yellow and sweet"),                 # punctuation
+    rec(7, "Write a short poem about the ocean at night time."),             # near_duplicate of m0
+    rec(8, "Rewrite the following message so that it sounds polite and professional."),  # near_duplicate of a seed
+    rec(9, "把下面这句话翻译成英文，注意语气要礼貌。"),                              # kept
+    rec(10, "把下面这句话翻译成英文，注意语气要礼貌！"),                             # near_duplicate (Chinese)
+    rec(11, "Summarise the profile of a good software engineer."),           # kept: 'file' only as a whole word
+]
+
+
+def test_each_rule_and_counts(workdir, tiny_model_dir):
+    params = load_params(write_params(workdir, tiny_params(tiny_model_dir)))
+    generated = workdir / params.paths.generated
+    generated.parent.mkdir(parents=True)
+    generated.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS))
+    filter_stage.run(params)
+    kept = [json.loads(line)["id"] for line in (workdir / params.paths.filtered).read_text().splitlines()]
+    metrics = json.loads((workdir / "metrics" / "filter.json").read_text())
+    assert kept == ["m0", "m9", "m11"]
+    assert metrics == {"in": 12, "kept": 3, "dropped": {"empty_output": 1, "too_short": 1, "too_long": 1,
+                       "blacklist": 2, "punctuation": 1, "near_duplicate": 3}}
+
+
+def test_blacklist_matches_whole_latin_words_and_cjk_substrings():
+    matches = blacklist_matcher(("file", "go to", "地图"))
+    assert matches("Open the FILE and read it") and matches("please go to the shop") and matches("画一张地图")
+    assert not matches("Update your profile") and not matches("good tomatoes") and not matches("画一张图")
+
+
+def test_record_missing_a_field_is_named_and_nothing_written(workdir, tiny_model_dir):
+    params = load_params(write_params(workdir, tiny_params(tiny_model_dir)))
+    generated = workdir / params.paths.generated
+    generated.parent.mkdir(parents=True)
+    bad = {k: v for k, v in RECORDS[0].items() if k != "output"}
+    generated.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(bad) + "\n")
+    result = alignflow("filter", workdir)
+    assert result.returncode == 2
+    assert "machine_instructions.jsonl:2: field 'output': missing" in result.stderr
+    assert not (workdir / params.paths.filtered).exists() and not (workdir / "metrics").exists()
+    with pytest.raises(InputError):
+        filter_stage.run(params)

@@ -1,0 +1,52 @@
+"""Stage format: Alpaca text exactly as Stanford Alpaca has it, chat rendering, a stable seeded split."""
+
+from __future__ import annotations
+
+import json
+
+from alignflow.params import load_params
+from alignflow.stages import format as format_stage
+from alignflow.stages.format import alpaca_prompt, split_of
+from conftest import tiny_params, write_params
+
+
+def test_alpaca_templates_verbatim():
+    assert alpaca_prompt("Add the numbers.", "2, 3") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nAdd the numbers.\n\n### Input:\n2, 3\n\n### Response:"
+    )
+    assert alpaca_prompt("Say hi.", "") == (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nSay hi.\n\n### Response:"
+    )
+
+
+def test_split_is_a_seeded_hash():
+    texts = [f"instruction number {i}" for i in range(2000)]
+    first = [split_of(t, 42, 0.1) for t in texts]
+    assert first == [split_of(t, 42, 0.1) for t in texts]  # stable
+    assert 150 < first.count("eval") < 250  # about 10%
+    assert first != [split_of(t, 7, 0.1) for t in texts]  # the seed matters
+
+
+def test_format_stage(workdir, tiny_model_dir):
+    params = load_params(write_params(workdir, tiny_params(tiny_model_dir, format__eval_fraction=0.5)))
+    filtered = workdir / params.paths.filtered
+    filtered.parent.mkdir(parents=True)
+    rows = [{"id": f"m{i}", "instruction": f"Task {i}: name a colour.", "input": "red?" if i % 2 else "",
+             "output": f"Blue {i}", "is_classification": False} for i in range(12)]
+    filtered.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    format_stage.run(params)
+    train = [json.loads(x) for x in (workdir / params.paths.train).read_text().splitlines()]
+    eval_ = [json.loads(x) for x in (workdir / params.paths.eval).read_text().splitlines()]
+    assert len(train) + len(eval_) == 12 and train and eval_
+    assert not {r["id"] for r in train} & {r["id"] for r in eval_}
+    for r in train + eval_:
+        assert r["text"] == r["prompt"] + r["output"] and r["split"] == split_of(r["instruction"], params.seed, 0.5)
+        assert ("### Input:" in r["prompt"]) == bool(r["input"])
+        assert r["messages"][-1] == {"role": "assistant", "content": r["output"]}
+        assert "<|im_start|>user" in r["chat_text"] and r["output"] in r["chat_text"]
+    metrics = json.loads((workdir / "metrics" / "format.json").read_text())
+    assert metrics["train"]["examples"] == len(train)
