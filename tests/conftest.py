@@ -84,7 +84,7 @@ def make_repo(path: Path, params: dict) -> Path:
     sh(["git", "config", "user.email", "ci@alignflow.invalid"], path)
     sh(["git", "config", "user.name", "alignflow tests"], path)
     sh(["dvc", "init", "-q"], path)
-    sh(["dvc", "config", "core.analytics", "false"], path)
+    shutil.copy2(ROOT / ".dvc" / "config", path / ".dvc" / "config")  # the project's DVC settings
     sh(["git", "add", "-A"], path)
     sh(["git", "commit", "-qm", "pipeline"], path)
     return path

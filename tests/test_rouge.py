@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer, tokenizers
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    from alignflow import rouge
-except ImportError:  # package not installed: fall back to the src layout
-    sys.path.insert(0, str(ROOT / "src"))
-    from alignflow import rouge
-
-SEED_PATH = ROOT / ".." / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
+from alignflow import rouge
+from conftest import SHARED_SEEDS as SEED_PATH
 RS_TOKENIZER = tokenizers.DefaultTokenizer(use_stemmer=False)
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 @pytest.fixture(scope="module")
 def seed_tasks() -> list[dict]:
-    if not SEED_PATH.exists():
-        pytest.skip(f"seed tasks not found at {SEED_PATH}")
     with open(SEED_PATH, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
