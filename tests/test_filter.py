@@ -30,6 +30,7 @@ RECORDS = [
     rec(9, "把下面这句话翻译成英文，注意语气要礼貌。"),                              # kept
     rec(10, "把下面这句话翻译成英文，注意语气要礼貌！"),                             # near_duplicate (Chinese)
     rec(11, "Summarise the profile of a good software engineer."),           # kept: 'file' only as a whole word
+    rec(12, "因劳性的\ufffd 请解释这个词语"),                                       # invalid_text
 ]
 
 
@@ -42,7 +43,7 @@ def test_each_rule_and_counts(workdir, tiny_model_dir):
     kept = [json.loads(line)["id"] for line in (workdir / params.paths.filtered).read_text().splitlines()]
     metrics = json.loads((workdir / "metrics" / "filter.json").read_text())
     assert kept == ["m0", "m9", "m11"]
-    assert metrics == {"in": 12, "kept": 3, "dropped": {"empty_output": 1, "too_short": 1, "too_long": 1,
+    assert metrics == {"in": 13, "kept": 3, "dropped": {"empty_output": 1, "invalid_text": 1, "too_short": 1, "too_long": 1,
                        "blacklist": 2, "punctuation": 1, "near_duplicate": 3}}
 
 

@@ -74,6 +74,7 @@ def test_parse_instructions():
     assert parse_instructions(text) == ["Write a haiku about rain.", "把这句话翻译成英文。", "Nested number here"]
     assert parse_instructions("Tell me a joke about cats.\nmore") == ["Tell me a joke about cats."]
     assert parse_instructions("") == []
+    assert parse_instructions("9. 想五个店名。 10. 写一首诗。 11. Name 3 cities.") == ["想五个店名。", "写一首诗。", "Name 3 cities."]
 
 
 def test_parse_instance_and_yes_no():
@@ -81,6 +82,7 @@ def test_parse_instance_and_yes_no():
     assert parse_instance(" 2 + 2\nOutput: 4", classification=False) == ("2 + 2", "4")
     assert parse_instance(" Positive\nInput: I loved it.", classification=True) == ("I loved it.", "Positive")
     assert parse_instance(" just an answer", classification=False) == ("", "just an answer")
+    assert parse_instance(" x\nOutput: y\nOutput: y again\nTask: more", classification=False) == ("x", "y")
     assert parse_yes_no(" Yes, it is") and parse_yes_no("是的") and not parse_yes_no("No.")
 
 

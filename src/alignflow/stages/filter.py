@@ -8,6 +8,8 @@ Writes: `paths.filtered` (the kept records, unchanged, in their original order) 
 
 Rules, applied in this order (a record is counted under the first rule it breaks):
   empty_output   the output is empty
+  invalid_text   the instruction holds a replacement character (U+FFFD: bytes cut mid-character)
+                 or a control character
   too_short      fewer than `min_tokens` ROUGE tokens (words, or CJK characters)
   too_long       more than `max_tokens`
   blacklist      contains a blacklisted keyword (whole word for Latin text, substring for CJK)
@@ -33,7 +35,7 @@ from alignflow.stages.self_instruct import read_seed_tasks
 log = logging.getLogger(__name__)
 
 RECORD_FIELDS = {"id": str, "instruction": str, "input": str, "output": str, "is_classification": bool}
-RULES = ("empty_output", "too_short", "too_long", "blacklist", "punctuation", "near_duplicate")
+RULES = ("empty_output", "invalid_text", "too_short", "too_long", "blacklist", "punctuation", "near_duplicate")
 
 
 def _has_cjk(word: str) -> bool:
@@ -54,6 +56,8 @@ def first_rule_broken(record: dict[str, Any], p: FilterParams, blacklisted) -> s
     n_tokens = len(tokenize(instruction))
     if not record["output"].strip():
         return "empty_output"
+    if any(c == "\ufffd" or unicodedata.category(c) == "Cc" for c in instruction):
+        return "invalid_text"
     if n_tokens < p.min_tokens:
         return "too_short"
     if n_tokens > p.max_tokens:

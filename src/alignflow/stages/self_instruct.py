@@ -83,6 +83,7 @@ def instruction_prompt(examples: list[str]) -> str:
 
 
 _NUMBER = re.compile(r"^\s*\d+\s*[.)、．]\s*")
+_INLINE_NUMBER = re.compile(r"\s+(?=\d{1,2}\.\s)")
 
 
 def parse_instructions(completion: str) -> list[str]:
@@ -92,7 +93,9 @@ def parse_instructions(completion: str) -> list[str]:
     if lines and not any(_NUMBER.match(line) for line in lines):
         return [lines[0].strip()] if len(lines[0].strip()) >= 3 else []
     found = []
-    for line in completion.splitlines():
+    # a model may run several items into one line: '9. Do x. 10. Do y.'
+    lines = [part for line in lines for part in _INLINE_NUMBER.split(line)]
+    for line in lines:
         if not _NUMBER.match(line):
             continue
         while _NUMBER.match(line):
@@ -140,7 +143,7 @@ def parse_instance(completion: str, classification: bool) -> tuple[str, str]:
     text = completion.strip()
     marker = "Input:" if classification else "Output:"
     if marker not in text:  # no second part: the whole completion is the output, the input is empty
-        return "", re.sub(r"^\s*(Output:|Class label:)\s*", "", text)
+        return "", _until_next_field(re.sub(r"^\s*(Output:|Class label:)\s*", "", text))
     if classification:
         label, _, rest = text.partition(marker)
         first, second = rest, label  # input, output
@@ -148,7 +151,12 @@ def parse_instance(completion: str, classification: bool) -> tuple[str, str]:
         first, _, second = text.partition(marker)
     first = re.sub(r"^\s*(Input:|Class label:)\s*", "", first.strip())
     cleaned_input = "" if first.strip() in ("", NO_INPUT) else first.strip()
-    return cleaned_input, second.strip()
+    return cleaned_input, _until_next_field(second)
+
+
+def _until_next_field(text: str) -> str:
+    """Cut where the model starts another field or task ('\nOutput:', '\nInput:', '\nTask:')."""
+    return re.split(r"\n\s*(?:Input|Output|Task|Class label):", text, maxsplit=1)[0].strip()
 
 
 # --- the stage ---
