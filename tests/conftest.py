@@ -62,6 +62,7 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     params["model"]["name_or_path"] = str(model_dir)
     params["self_instruct"].update(num_instructions=24, batch_size=8, max_new_tokens=24, instance_max_new_tokens=24)
     params["format"]["eval_fraction"] = 0.25
+    params["sft"].update(epochs=1, batch_size=4, max_length=128, save_steps=2, prefix_virtual_tokens=4, adapter_bottleneck=8)
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         params[section][key] = value

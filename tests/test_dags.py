@@ -44,7 +44,8 @@ def test_dag_edges_agree(tiny_repo):
     snake_edges = {(names[a], names[b]) for a, b in re.findall(r"(\d+) -> (\d+)", graph)}
     snake_edges = {e for e in snake_edges if "all" not in e}
     assert dvc_edges == snake_edges == {("base_model", "self_instruct"), ("base_model", "format"),
-                                        ("self_instruct", "filter"), ("filter", "format")}
+                                        ("self_instruct", "filter"), ("filter", "format"),
+                                        ("base_model", "sft"), ("format", "sft")}
 
 
 def test_a_drifted_snakemake_rule_is_caught(tiny_repo):

@@ -25,6 +25,9 @@ OUTPUTS = [
 ]
 
 
+DATA_STAGES = ("base_model", "self_instruct", "filter", "format")
+
+
 def digests(repo):
     files = [repo / p for p in OUTPUTS] + sorted(f for f in (repo / "models/base").iterdir() if f.name != ".snakemake_timestamp")
     return {str(f.relative_to(repo)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
@@ -60,12 +63,12 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
         assert "up to date" in sh(["dvc", "status"], repo).stdout
         assert snakemake_jobs(repo) == {}
         assert "didn't change, skipping" in sh(["dvc", "repro"], repo).stdout
-        for stage in ("base_model", "self_instruct", "filter", "format"):
+        for stage in (*DATA_STAGES, "sft"):
             assert (repo / "logs" / f"{stage}.log").stat().st_size > 0
     # the same lock: Snakemake's onsuccess recorded exactly what dvc repro recorded
-    def lock(repo):  # logs carry timestamps; every other out must be recorded identically
+    def lock(repo):  # the data stages' outs must be recorded identically (logs carry timestamps)
         stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-        return {name: [o for o in st["outs"] if not o["path"].startswith("logs/")] for name, st in stages.items()}
+        return {name: [o for o in stages[name]["outs"] if not o["path"].startswith("logs/")] for name in DATA_STAGES}
 
     assert lock(via_dvc) == lock(via_snakemake)
     filtered = json.loads((via_dvc / "metrics/filter.json").read_text())
@@ -85,9 +88,9 @@ def test_param_change_reruns_only_dependants(pipelines):
 
     ran = set(re.findall(r"Running stage '(\w+)'", sh(["dvc", "repro"], via_dvc).stdout))
     # DVC reruns format only if filter's output changed; nothing upstream of filter reruns
-    assert "filter" in ran and ran <= {"filter", "format"}
+    assert "filter" in ran and ran <= {"filter", "format", "sft"}
     # Snakemake's params trigger works from its own records of the run that made the outputs
-    assert snakemake_jobs(via_snakemake) == {"filter": 1, "format": 1}
+    assert snakemake_jobs(via_snakemake) == {"filter": 1, "format": 1, "sft": 1}
     sh(["snakemake", "-c", "2"], via_snakemake)
     assert digests(via_dvc) == digests(via_snakemake)
     for repo in pipelines:

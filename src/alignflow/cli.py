@@ -26,6 +26,7 @@ STAGES = {
     "self_instruct": "generate instructions, inputs and outputs from seed tasks (Self-Instruct)",
     "filter": "drop short/long, blacklisted and ROUGE-L near-duplicate instructions",
     "format": "render Alpaca and chat-template text, split train / eval",
+    "sft": "supervised fine-tuning: full, lora, qlora, prefix or adapter",
 }
 
 

@@ -72,3 +72,23 @@ def load_model(source: Source, dtype: Any = "auto"):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(source.name_or_path, dtype=dtype, **source.kwargs())
+
+
+def load_trained(path: str | Path, dtype: Any = "auto"):
+    """Load what a training stage wrote, whatever the method (see `alignflow_model.json` in `path`):
+    a plain checkpoint, a peft adapter on its base, or our bottleneck adapters on their base."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    info = json.loads((Path(path) / "alignflow_model.json").read_text())
+    if info["kind"] == "full":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(info["base"], dtype=dtype)
+    if info["kind"] == "peft":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, path)
+    from alignflow.adapters import load_bottleneck_adapters
+
+    return load_bottleneck_adapters(base, path)

@@ -43,6 +43,9 @@ class PathParams:
     filtered: str
     train: str
     eval: str
+    sft_model: str
+    checkpoints: str
+    dvclive: str
     metrics: str
     logs: str
 
@@ -80,6 +83,35 @@ class FormatParams:
 
 
 @dataclass(frozen=True)
+class SftParams:
+    method: str
+    epochs: float
+    learning_rate: float | None
+    warmup_ratio: float
+    weight_decay: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    max_length: int
+    save_steps: int
+    l2_to_pretrained: float
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: tuple[str, ...]
+    lora_merge: bool
+    prefix_virtual_tokens: int
+    adapter_bottleneck: int
+    adapter_activation: str
+
+    @property
+    def lr(self) -> float:
+        """The learning rate: as set, or the chapter's default for the method."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-5 if self.method == "full" else 2e-4
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     model: ModelParams
@@ -87,6 +119,7 @@ class Params:
     self_instruct: SelfInstructParams
     filter: FilterParams
     format: FormatParams
+    sft: SftParams
 
 
 def schema_path(params_file: Path) -> Path:
@@ -165,6 +198,7 @@ def load_params(params_file: str | Path = "params.yaml") -> Params:
         self_instruct=SelfInstructParams(**data["self_instruct"]),
         filter=FilterParams(**{**data["filter"], "blacklist": tuple(data["filter"]["blacklist"])}),
         format=FormatParams(**data["format"]),
+        sft=SftParams(**{**data["sft"], "lora_target_modules": tuple(data["sft"]["lora_target_modules"])}),
     )
 
 

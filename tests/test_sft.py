@@ -1,0 +1,206 @@
+"""Stage sft: each method trains what it should and nothing else, and its checks of correctness."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from alignflow.io import InputError
+from alignflow.models import load_trained
+from alignflow.params import ParamsError, load_params
+from alignflow.stages import sft
+from conftest import alignflow, env, tiny_params, write_params
+
+METHODS = ["full", "lora", "qlora", "prefix", "adapter"]
+PAIRS = [("What is the capital of France?", "Paris."), ("把这句话翻译成英文：你好。", "Hello."),
+         ("Name a primary colour.", "Red."), ("2 + 2 = ?", "4")]
+
+
+@pytest.fixture
+def sft_dir(workdir):
+    """workdir with a small, learnable formatted dataset (the same kind of examples in train and eval)."""
+    for split, repeat in (("train", 4), ("eval", 1)):
+        path = workdir / "data" / "formatted" / f"{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"id": f"{split}{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                for i, (q, a) in enumerate(PAIRS * repeat)]
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return workdir
+
+
+def sft_params(directory, tiny_model_dir, **sft_overrides):
+    params = tiny_params(tiny_model_dir)
+    params["sft"].update(epochs=2, batch_size=4, **sft_overrides)
+    return load_params(write_params(directory, params))
+
+
+def build(params):
+    tokenizer = sft.load_tokenizer(sft.Source(params.paths.base_model))
+    model = sft.build_model(params.sft, params.paths.base_model, "cpu", torch.float32)
+    trainer = sft.make_trainer(params, model, tokenizer, sft.load_split(params.paths.train),
+                               sft.load_split(params.paths.eval), sft_dir_run(params), "cpu")
+    return model, trainer
+
+
+def sft_dir_run(params):
+    return sft.Path(params.paths.checkpoints) / "test-run"
+
+
+LEARNING_RATE = {"full": 3e-3, "lora": 3e-2, "qlora": 3e-2, "prefix": 3e-1, "adapter": 3e-2}
+TRAINED = {"full": "", "lora": "lora_", "qlora": "lora_", "prefix": "prompt_encoder", "adapter": ".adapter."}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_lowers_eval_loss_and_trains_only_its_parameters(method, sft_dir, tiny_model_dir):
+    params = sft_params(sft_dir, tiny_model_dir, method=method, learning_rate=LEARNING_RATE[method])
+    model, trainer = build(params)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss_before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] < loss_before - 0.02
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable
+    assert all(TRAINED[method] in n for n in changed)
+    if method == "full":
+        assert len(changed) == len(before)
+    else:
+        assert len(trainable) < len(before) / 2  # the base is frozen
+
+
+def test_lora_merged_logits_equal_base_plus_adapter(sft_dir, tiny_model_dir):
+    params = sft_params(sft_dir, tiny_model_dir, method="lora", learning_rate=3e-2)
+    model, trainer = build(params)
+    trainer.train()
+    ids = torch.tensor([[1, 520, 2341, 30, 881, 17]])
+    model.eval()
+    with torch.no_grad():
+        with_adapter = model(input_ids=ids).logits
+        merged = model.merge_and_unload()(input_ids=ids).logits
+    torch.testing.assert_close(merged, with_adapter, atol=1e-4, rtol=1e-4)
+
+
+def test_qlora_is_4bit_nf4_and_smaller_than_lora(sft_dir, tiny_model_dir):
+    from bitsandbytes.nn import Linear4bit
+
+    lora = sft.build_model(sft_params(sft_dir, tiny_model_dir, method="lora").sft, "models/base", "cpu", torch.float32)
+    qlora = sft.build_model(sft_params(sft_dir, tiny_model_dir, method="qlora").sft, "models/base", "cpu", torch.float32)
+    quantised = [m for m in qlora.modules() if isinstance(m, Linear4bit)]
+    assert len(quantised) == 2 * 7  # every linear layer of both blocks: q, k, v, o, gate, up, down
+    for layer in quantised:
+        assert layer.weight.quant_type == "nf4" and layer.weight.compress_statistics  # double quantisation
+    assert qlora.get_memory_footprint() < lora.get_memory_footprint()
+
+
+def test_fresh_adapter_leaves_outputs_unchanged_and_roundtrips(sft_dir, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from alignflow.adapters import add_bottleneck_adapters, load_bottleneck_adapters, save_bottleneck_adapters
+
+    ids = torch.tensor([[1, 520, 2341, 30, 881, 17]])
+    base = AutoModelForCausalLM.from_pretrained("models/base").eval()
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+        adapted = add_bottleneck_adapters(AutoModelForCausalLM.from_pretrained("models/base"), 8, "gelu").eval()
+        assert torch.equal(adapted(input_ids=ids).logits, reference)
+        for name, param in adapted.named_parameters():
+            if ".adapter.up." in name:
+                param.add_(0.01)  # as if trained
+        changed = adapted(input_ids=ids).logits
+        assert not torch.allclose(changed, reference)
+        save_bottleneck_adapters(adapted, tmp_path / "adapter")
+        loaded = load_bottleneck_adapters(AutoModelForCausalLM.from_pretrained("models/base"), tmp_path / "adapter").eval()
+        assert torch.equal(loaded(input_ids=ids).logits, changed)
+
+
+def test_l2_to_pretrained_starts_at_zero_grows_and_holds_weights_closer(sft_dir, tiny_model_dir):
+    distances = {}
+    for alpha in (0.0, 50.0):
+        torch.manual_seed(0)
+        params = sft_params(sft_dir, tiny_model_dir, method="full", learning_rate=3e-3, l2_to_pretrained=alpha)
+        model, trainer = build(params)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer.train()
+        distances[alpha] = sum(((p.detach() - start[n]) ** 2).sum().item() for n, p in model.named_parameters())
+        if alpha:
+            logged = [h["l2_to_pretrained"] for h in trainer.state.log_history if "l2_to_pretrained" in h]
+            assert logged[0] == 0.0 and logged[-1] > 0  # nothing has moved at step 0; later it has
+    assert distances[50.0] < 0.5 * distances[0.0]
+
+
+def test_stage_writes_loadable_model_metrics_and_curves(sft_dir, tiny_model_dir):
+    from peft import PeftModel
+
+    write_params(sft_dir, yaml.safe_load(yaml.safe_dump({**tiny_params(tiny_model_dir)})))
+    result = alignflow("sft", sft_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((sft_dir / "metrics" / "sft.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_perplexity", "trainable_parameters", "total_parameters",
+                "trainable_percent", "peak_memory_mb", "tokens_per_second", "wall_seconds"):
+        assert metrics[key] > 0, key
+    assert metrics["method"] == "lora" and metrics["trainable_percent"] < 5
+    assert isinstance(load_trained(sft_dir / "models" / "sft"), PeftModel)
+    assert (sft_dir / "models" / "sft" / "chat_template.jinja").exists()
+    assert list((sft_dir / "dvclive" / "sft" / "plots" / "metrics").rglob("*.tsv"))
+    assert not (sft_dir / "checkpoints" / "sft").exists() or not any((sft_dir / "checkpoints" / "sft").iterdir())
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({"lora_target_modules": ["attn_qkv"]}, r"sft\.lora_target_modules: \['attn_qkv'\] match no layer"),
+        ({"lora_merge": True, "method": "prefix"}, r"sft\.lora_merge: only for method 'lora'"),
+    ],
+)
+def test_bad_settings_stop_before_training(change, expected, sft_dir, tiny_model_dir):
+    params = sft_params(sft_dir, tiny_model_dir, **change)
+    with pytest.raises(InputError, match=expected):
+        sft.run(params)
+    assert not (sft_dir / "models" / "sft").exists()
+
+
+@pytest.mark.parametrize("change,expected", [({"method": "dora"}, "sft.method"), ({"lora_r": 0}, "sft.lora_r")])
+def test_bad_params_are_refused_at_the_edge(change, expected, sft_dir, tiny_model_dir):
+    with pytest.raises(ParamsError, match=expected.replace(".", r"\.")):
+        sft_params(sft_dir, tiny_model_dir, **change)
+
+
+def test_empty_train_split_and_missing_chat_template(sft_dir, tiny_model_dir):
+    params = sft_params(sft_dir, tiny_model_dir)
+    (sft_dir / params.paths.train).write_text("")
+    with pytest.raises(InputError, match=r"train\.jsonl: empty file"):
+        sft.run(params)
+    config = sft_dir / "models" / "base" / "tokenizer_config.json"
+    (sft_dir / "models" / "base" / "chat_template.jinja").unlink()
+    data = json.loads(config.read_text())
+    data.pop("chat_template", None)
+    config.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="no chat template"):
+        sft.run(params)
+    assert not (sft_dir / "models" / "sft").exists()
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(sft_dir, tiny_model_dir):
+    params = tiny_params(tiny_model_dir)
+    params["sft"].update(epochs=6, batch_size=2, save_steps=2)  # 16 examples: 48 steps
+    write_params(sft_dir, params)
+    process = subprocess.Popen(["alignflow", "sft"], cwd=sft_dir, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((sft_dir / "checkpoints").rglob("checkpoint-4/trainer_state.json")):
+        assert process.poll() is None, "training finished before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (sft_dir / "models" / "sft").exists()
+
+    result = alignflow("sft", sft_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from checkpoints/sft/" in (sft_dir / "logs" / "sft.log").read_text()
+    metrics = json.loads((sft_dir / "metrics" / "sft.json").read_text())
+    assert metrics["resumed_from_step"] >= 4 and metrics["steps"] == 48
