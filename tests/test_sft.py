@@ -6,13 +6,13 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from alignflow.io import InputError
-from alignflow.models import load_trained
+from alignflow.models import Source, load_tokenizer, load_trained
 from alignflow.params import ParamsError, load_params
 from alignflow.stages import sft
 from conftest import alignflow, env, tiny_params, write_params
@@ -41,15 +41,13 @@ def sft_params(directory, tiny_model_dir, **sft_overrides):
 
 
 def build(params):
-    tokenizer = sft.load_tokenizer(sft.Source(params.paths.base_model))
+    """The model and trainer the stage would use, without running the stage around them."""
+    tokenizer = load_tokenizer(Source(params.paths.base_model))
+    torch.manual_seed(params.seed)  # LoRA and prefix weights start random: make every run of a test the same
     model = sft.build_model(params.sft, params.paths.base_model, "cpu", torch.float32)
     trainer = sft.make_trainer(params, model, tokenizer, sft.load_split(params.paths.train),
-                               sft.load_split(params.paths.eval), sft_dir_run(params), "cpu")
+                               sft.load_split(params.paths.eval), Path(params.paths.checkpoints) / "test", "cpu")
     return model, trainer
-
-
-def sft_dir_run(params):
-    return sft.Path(params.paths.checkpoints) / "test-run"
 
 
 LEARNING_RATE = {"full": 3e-3, "lora": 3e-2, "qlora": 3e-2, "prefix": 3e-1, "adapter": 3e-2}
@@ -122,7 +120,6 @@ def test_fresh_adapter_leaves_outputs_unchanged_and_roundtrips(sft_dir, tiny_mod
 def test_l2_to_pretrained_starts_at_zero_grows_and_holds_weights_closer(sft_dir, tiny_model_dir):
     distances = {}
     for alpha in (0.0, 50.0):
-        torch.manual_seed(0)
         params = sft_params(sft_dir, tiny_model_dir, method="full", learning_rate=3e-3, l2_to_pretrained=alpha)
         model, trainer = build(params)
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -137,7 +134,7 @@ def test_l2_to_pretrained_starts_at_zero_grows_and_holds_weights_closer(sft_dir,
 def test_stage_writes_loadable_model_metrics_and_curves(sft_dir, tiny_model_dir):
     from peft import PeftModel
 
-    write_params(sft_dir, yaml.safe_load(yaml.safe_dump({**tiny_params(tiny_model_dir)})))
+    write_params(sft_dir, tiny_params(tiny_model_dir))
     result = alignflow("sft", sft_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((sft_dir / "metrics" / "sft.json").read_text())
