@@ -116,6 +116,6 @@ def workdir(tmp_path, monkeypatch, tiny_model_dir):
     return tmp_path
 
 
-def alignflow(stage: str, cwd: Path, params: str = "params.yaml") -> subprocess.CompletedProcess:
-    """Run `alignflow --params PARAMS STAGE` in `cwd`; returns the finished process (not checked)."""
-    return sh(["alignflow", "--params", params, stage], cwd, check=False)
+def alignflow(stage: str, cwd: Path, params: str = "params.yaml", extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `alignflow --params PARAMS STAGE [EXTRA...]` in `cwd`; returns the finished process (not checked)."""
+    return sh(["alignflow", "--params", params, stage, *(extra or [])], cwd, check=False)

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
     for name, help_text in STAGES.items():
         sub.add_parser(name, help=help_text)
+    imp = sub.add_parser("import-preferences", help="read public preference data into alignflow's pair schema")
+    imp.add_argument("input", help="JSONL: prompt/chosen/rejected strings, chosen/rejected message lists, or HH transcripts")
+    imp.add_argument("output", help="where to write the pairs (JSONL)")
+    imp.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts in the eval split")
     args = parser.parse_args(argv)
 
     try:
@@ -57,10 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(Path(params.paths.logs) / f"{args.stage}.log")
     log = logging.getLogger(f"alignflow.{args.stage}")
-    stage = importlib.import_module(f"alignflow.stages.{args.stage}")
     started = time.perf_counter()
     try:
-        stage.run(params)
+        if args.stage == "import-preferences":
+            from alignflow.pairs import import_file
+
+            import_file(args.input, args.output, seed=params.seed, eval_fraction=args.eval_fraction)
+        else:
+            importlib.import_module(f"alignflow.stages.{args.stage}").run(params)
     except (InputError, ContractError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2

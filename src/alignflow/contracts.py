@@ -31,6 +31,15 @@ class ContractError(ValueError):
 class Suite:
     columns: Callable[[dict[str, Any]], dict[str, Any]]  # record -> flat row
     expectations: Sequence[tuple[str, dict[str, Any]]]  # (ExpectationClassName, kwargs)
+    # checks across records: all records -> {column: one value per record}
+    derived: Callable[[Sequence[dict[str, Any]]], dict[str, list[Any]]] | None = None
+
+
+def _prompt_in_both_splits(records: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    sides: dict[str, set[str]] = {}
+    for r in records:
+        sides.setdefault(r.get("prompt_id"), set()).add(r.get("split"))
+    return {"prompt_in_both_splits": [len(sides[r.get("prompt_id")]) > 1 for r in records]}
 
 
 def _text(column: str, min_length: int = 1, max_length: int | None = None) -> list[tuple[str, dict[str, Any]]]:
@@ -112,6 +121,26 @@ SUITES: dict[str, Suite] = {
             ("ExpectColumnValuesToBeBetween", {"column": "n_messages", "min_value": 2, "max_value": 3}),
         ],
     ),
+    "pairs": Suite(
+        columns=lambda r: {
+            "id": r.get("id"), "prompt_id": r.get("prompt_id"), "split": r.get("split"),
+            "n_prompt_messages": len(r.get("prompt") or []), "chosen": r.get("chosen"), "rejected": r.get("rejected"),
+            "same_answer": (r.get("chosen") or "").strip() == (r.get("rejected") or "").strip(),
+            "judge": (r.get("judge") or {}).get("kind"),
+        },
+        expectations=[
+            *_unique_id(),
+            *_text("prompt_id"),
+            ("ExpectColumnValuesToBeInSet", {"column": "split", "value_set": ["train", "eval"]}),
+            ("ExpectColumnValuesToBeBetween", {"column": "n_prompt_messages", "min_value": 1}),
+            *_text("chosen"),
+            *_text("rejected"),
+            ("ExpectColumnValuesToBeInSet", {"column": "same_answer", "value_set": [False]}),
+            ("ExpectColumnValuesToBeInSet", {"column": "judge", "value_set": ["import", "ai", "rules", "constitution", "human"]}),
+            ("ExpectColumnValuesToBeInSet", {"column": "prompt_in_both_splits", "value_set": [False]}),
+        ],
+        derived=_prompt_in_both_splits,
+    ),
 }
 
 
@@ -141,7 +170,11 @@ def validate(name: str, records: Sequence[dict[str, Any]], data_path: str | Path
 
     suite_def = SUITES[name]
     rows = [suite_def.columns(r) for r in records]
-    frame = pd.DataFrame(rows, columns=list(suite_def.columns({}).keys()), dtype=object)
+    if suite_def.derived:
+        for column, values in suite_def.derived(records).items():
+            for row, value in zip(rows, values):
+                row[column] = value
+    frame = pd.DataFrame(rows, columns=list(rows[0].keys()) if rows else None, dtype=object)
 
     from great_expectations.data_context.types.base import ProgressBarsConfig
 

@@ -1,0 +1,110 @@
+"""Preference pairs: one schema for every source, rankings turned into pairs, and imports of public data.
+
+    alignflow import-preferences hh.jsonl data/preferences/imported.jsonl --eval-fraction 0.1 --seed 42
+
+A pair record (JSONL):
+    {"id", "prompt_id", "prompt": [chat messages], "chosen": str, "rejected": str,
+     "judge": {"kind": "import" | "ai" | "rules" | "constitution" | "human", ...}, "split": "train" | "eval"}
+
+Reads the three common public shapes, detected per line:
+- flat strings:        {"prompt": str, "chosen": str, "rejected": str}
+- chat message lists:  {"chosen": [messages], "rejected": [messages]} (the shared prefix is the prompt;
+                       an optional "prompt" string is used when the lists hold only the answer)
+- HH transcripts:      {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}
+The split is by prompt (a seeded hash of `prompt_id`), so no prompt is on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from itertools import combinations
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+from alignflow import contracts
+from alignflow.io import InputError, atomic_path, dump_jsonl, read_jsonl
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def prompt_id(prompt: list[dict[str, str]]) -> str:
+    return hashlib.sha256(json.dumps(prompt, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def split_of_prompt(pid: str, seed: int, eval_fraction: float) -> str:
+    digest = hashlib.sha256(f"{seed}\x00{pid}".encode()).digest()
+    return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
+
+
+def ranking_to_pairs(ranked: list[list[str]]) -> list[tuple[str, str]]:
+    """All (better, worse) pairs of a ranking given best first as tiers; responses in one tier are tied
+    and make no pair. K responses in K tiers give K*(K-1)/2 pairs, as in InstructGPT."""
+    return [(better, worse) for hi, lo in combinations(range(len(ranked)), 2) for better in ranked[hi] for worse in ranked[lo]]
+
+
+def _hh_messages(text: str, where: str) -> list[dict[str, str]]:
+    parts = HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    if len(parts) < 3 or parts[0].strip():
+        raise InputError(f"{where}: not a '\\n\\nHuman: ... \\n\\nAssistant: ...' transcript")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def _split_dialogue(chosen: list[dict], rejected: list[dict], where: str) -> tuple[list[dict], str, str]:
+    """Shared prefix = prompt; the final assistant messages are the two answers."""
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not messages or messages[-1].get("role") != "assistant":
+            raise InputError(f"{where}: field '{name}': must end with an assistant message")
+    if chosen[:-1] != rejected[:-1]:
+        raise InputError(f"{where}: fields 'chosen' and 'rejected': the conversations differ before the last answer")
+    return [{"role": m["role"], "content": m["content"]} for m in chosen[:-1]], chosen[-1]["content"], rejected[-1]["content"]
+
+
+def parse_pair(record: dict[str, Any], where: str) -> tuple[list[dict[str, str]], str, str]:
+    """(prompt messages, chosen text, rejected text) from any supported public shape."""
+    for field in ("chosen", "rejected"):
+        if field not in record:
+            raise InputError(f"{where}: field '{field}': missing")
+    chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        if prompt is not None and all(m.get("role") == "assistant" for m in chosen + rejected):
+            chosen, rejected = [{"role": "user", "content": prompt}] + chosen, [{"role": "user", "content": prompt}] + rejected
+        messages, good, bad = _split_dialogue(chosen, rejected, where)
+    elif isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, str):
+        messages, good, bad = [{"role": "user", "content": prompt}], chosen, rejected
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        messages, good, bad = _split_dialogue(_hh_messages(chosen, where), _hh_messages(rejected, where), where)
+    else:
+        raise InputError(f"{where}: fields 'chosen' / 'rejected': expected two strings (with 'prompt'), "
+                         "two message lists, or two Human/Assistant transcripts")
+    if not messages or not good.strip() or not bad.strip():
+        raise InputError(f"{where}: empty prompt or answer")
+    if good.strip() == bad.strip():
+        raise InputError(f"{where}: fields 'chosen' and 'rejected': the same answer")
+    return messages, good, bad
+
+
+def make_pair(messages: list[dict[str, str]], chosen: str, rejected: str, judge: dict[str, Any],
+              seed: int, eval_fraction: float) -> dict[str, Any]:
+    pid = prompt_id(messages)
+    pair_hash = hashlib.sha256(json.dumps([pid, chosen, rejected], ensure_ascii=False).encode()).hexdigest()[:16]
+    return {"id": pair_hash, "prompt_id": pid, "prompt": messages, "chosen": chosen, "rejected": rejected,
+            "judge": judge, "split": split_of_prompt(pid, seed, eval_fraction)}
+
+
+def import_file(source: str, output: str, seed: int, eval_fraction: float) -> None:
+    """Read a public preference file, write it in the pair schema (validated, atomically)."""
+    pairs: dict[str, dict[str, Any]] = {}
+    for line, record in read_jsonl(source):
+        messages, chosen, rejected = parse_pair(record, f"{source}:{line}")
+        pair = make_pair(messages, chosen, rejected, {"kind": "import", "source": source, "line": line}, seed, eval_fraction)
+        pairs.setdefault(pair["id"], pair)  # the same pair twice is kept once
+    records = list(pairs.values())
+    contracts.validate("pairs", records, output)
+    with atomic_path(output) as tmp:
+        dump_jsonl(records, tmp)
+    log.info("imported %d pairs (%d prompts) from %s into %s", len(records), len({r["prompt_id"] for r in records}), source, output)
