@@ -24,8 +24,9 @@ class InputError(ValueError):
     """Bad input data: the message starts with `file:line:` and names the field."""
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (1-based line number, object) for each non-blank line of a UTF-8 JSONL file."""
+def read_jsonl(path: str | Path, fields: dict[str, type] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (1-based line number, object) for each non-blank line of a UTF-8 JSONL file; with `fields`,
+    each object must have those fields with those types (see `check_fields`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -44,6 +45,8 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise InputError(f"{path}:{number}: malformed JSON: {err.msg} (column {err.colno})") from None
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            if fields:
+                check_fields(f"{path}:{number}", record, fields)
             seen += 1
             yield number, record
     if seen == 0:

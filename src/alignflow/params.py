@@ -12,6 +12,7 @@ The schema is the one definition: tests/test_params.py checks these dataclasses 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,5 @@ def load_params(params_file: str | Path = "params.yaml") -> Params:
 
 def section_fields() -> dict[str, list[str]]:
     """Field names of each typed section, for the schema-agreement test."""
-    return {
-        f.name: [g.name for g in dataclasses.fields(f.type if not isinstance(f.type, str) else globals()[f.type])]
-        for f in dataclasses.fields(Params)
-        if f.name != "seed"
-    }
+    hints = typing.get_type_hints(Params)
+    return {name: [f.name for f in dataclasses.fields(kind)] for name, kind in hints.items() if name != "seed"}

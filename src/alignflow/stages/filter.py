@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from alignflow import contracts
-from alignflow.io import atomic_path, check_fields, dump_json, dump_jsonl, read_jsonl
+from alignflow.io import atomic_path, dump_json, dump_jsonl, read_jsonl
 from alignflow.params import FilterParams, Params
 from alignflow.rouge import NearDuplicateFilter, tokenize
 from alignflow.stages.self_instruct import read_seed_tasks
@@ -71,10 +71,7 @@ def first_rule_broken(record: dict[str, Any], p: FilterParams, blacklisted) -> s
 
 def run(params: Params) -> None:
     p, paths = params.filter, params.paths
-    records = []
-    for line, record in read_jsonl(paths.generated):
-        check_fields(f"{paths.generated}:{line}", record, RECORD_FIELDS)
-        records.append(record)
+    records = [record for _, record in read_jsonl(paths.generated, RECORD_FIELDS)]
 
     blacklisted = blacklist_matcher(p.blacklist)
     dedup = NearDuplicateFilter(threshold=p.rouge_threshold)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from alignflow import contracts
-from alignflow.io import InputError, atomic_path, check_fields, dump_json, dump_jsonl, read_jsonl
+from alignflow.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
 from alignflow.models import Source, load_tokenizer
 from alignflow.params import Params
 from alignflow.stages.filter import RECORD_FIELDS
@@ -64,8 +64,7 @@ def run(params: Params) -> None:
     if tokenizer.chat_template is None:
         raise InputError(f"{paths.base_model}: the tokenizer has no chat template")
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
-    for line, record in read_jsonl(paths.filtered):
-        check_fields(f"{paths.filtered}:{line}", record, RECORD_FIELDS)
+    for _, record in read_jsonl(paths.filtered, RECORD_FIELDS):
         instruction, input_text, output = record["instruction"].strip(), record["input"].strip(), record["output"].strip()
         split = split_of(instruction, params.seed, fmt.eval_fraction)
         prompt = alpaca_prompt(instruction, input_text)

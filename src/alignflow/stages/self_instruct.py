@@ -51,9 +51,8 @@ def read_seed_tasks(path: str | Path) -> list[dict[str, Any]]:
         raise InputError(f"{path}: no *.jsonl seed files in this directory")
     tasks, where_of_id = [], {}
     for file in files:
-        for line, record in read_jsonl(file):
+        for line, record in read_jsonl(file, SEED_FIELDS):
             where = f"{file}:{line}"
-            check_fields(where, record, SEED_FIELDS)
             if not record["instruction"].strip():
                 raise InputError(f"{where}: field 'instruction': empty")
             if not record["instances"]:
@@ -61,7 +60,7 @@ def read_seed_tasks(path: str | Path) -> list[dict[str, Any]]:
             for i, instance in enumerate(record["instances"]):
                 if not isinstance(instance, dict):
                     raise InputError(f"{where}: field 'instances[{i}]': expected object, got {type(instance).__name__}")
-                check_fields(where, instance, {f"{k}": t for k, t in INSTANCE_FIELDS.items()})
+                check_fields(where, instance, INSTANCE_FIELDS)
             if record["id"] in where_of_id:
                 raise InputError(f"{where}: field 'id': {record['id']!r} already used at {where_of_id[record['id']]}")
             where_of_id[record["id"]] = where

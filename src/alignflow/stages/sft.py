@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from alignflow.io import InputError, atomic_path, check_fields, dump_json, read_jsonl
+from alignflow.io import InputError, atomic_path, dump_json, read_jsonl
 from alignflow.models import Source, load_tokenizer, pick_device_dtype
 from alignflow.params import Params, SftParams
 
@@ -49,8 +49,7 @@ log = logging.getLogger(__name__)
 def load_split(path: str) -> list[dict[str, Any]]:
     """Conversational prompt / completion pairs from a formatted split (the last message is the answer)."""
     rows = []
-    for line, record in read_jsonl(path):
-        check_fields(f"{path}:{line}", record, {"messages": list})
+    for line, record in read_jsonl(path, {"messages": list}):
         messages = record["messages"]
         if len(messages) < 2 or messages[-1].get("role") != "assistant":
             raise InputError(f"{path}:{line}: field 'messages': must end with an assistant message")
