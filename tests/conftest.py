@@ -18,7 +18,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SEEDS = ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 VENV_BIN = str(Path(sys.executable).parent)
-PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "src", "data/seeds", ".dvcignore"]
+PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "src", "data/seeds", "data/prompts", "data/annotations",
+                 ".dvcignore"]
 
 
 def env() -> dict[str, str]:
@@ -63,6 +64,11 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     params["self_instruct"].update(num_instructions=24, batch_size=8, max_new_tokens=24, instance_max_new_tokens=24)
     params["format"]["eval_fraction"] = 0.25
     params["sft"].update(epochs=1, batch_size=4, max_length=128, save_steps=2, prefix_virtual_tokens=4, adapter_bottleneck=8)
+    params["samples"].update(max_prompts=8, max_new_tokens=24)
+    # the rules judge needs no model; an untrained model's answers differ mostly in length, so a narrow
+    # length band is what ranks them (the AI judge, with total position bias, would give only ties)
+    params["preferences"].update(judge="rules", rules_min_tokens=1, rules_max_tokens=16, revision_max_new_tokens=24)
+    params["reward_model"].update(epochs=1, batch_size=4, max_length=256)
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         params[section][key] = value

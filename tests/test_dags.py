@@ -45,7 +45,10 @@ def test_dag_edges_agree(tiny_repo):
     snake_edges = {e for e in snake_edges if "all" not in e}
     assert dvc_edges == snake_edges == {("base_model", "self_instruct"), ("base_model", "format"),
                                         ("self_instruct", "filter"), ("filter", "format"),
-                                        ("base_model", "sft"), ("format", "sft")}
+                                        ("base_model", "sft"), ("format", "sft"),
+                                        ("base_model", "samples"), ("format", "samples"), ("sft", "samples"),
+                                        ("base_model", "preferences"), ("samples", "preferences"),
+                                        ("base_model", "reward_model"), ("sft", "reward_model"), ("preferences", "reward_model")}
 
 
 def test_a_drifted_snakemake_rule_is_caught(tiny_repo):

@@ -10,7 +10,7 @@ import yaml
 from alignflow import contracts
 from alignflow.contracts import ContractError
 from alignflow.io import InputError
-from alignflow.pairs import make_pair, parse_pair, ranking_to_pairs
+from alignflow.pairs import assign_splits, make_pair, parse_pair, ranking_to_pairs
 from conftest import ROOT, alignflow, write_params
 
 
@@ -61,12 +61,23 @@ def test_bad_pairs_name_the_line_and_field(record, expected):
 
 def test_contract_refuses_a_prompt_on_both_sides(tmp_path):
     prompt = [{"role": "user", "content": "q"}]
-    a = make_pair(prompt, "good", "bad", {"kind": "rules"}, seed=1, eval_fraction=0.5)
-    b = {**make_pair(prompt, "good", "worse", {"kind": "rules"}, seed=1, eval_fraction=0.5)}
-    b["split"] = "eval" if a["split"] == "train" else "train"
+    a = {**make_pair(prompt, "good", "bad", {"kind": "rules"}), "split": "train"}
+    b = {**make_pair(prompt, "good", "worse", {"kind": "rules"}), "split": "eval"}
     with pytest.raises(ContractError, match="prompt_in_both_splits"):
         contracts.validate("pairs", [a, b], tmp_path / "pairs.jsonl")
     contracts.validate("pairs", [a, {**b, "split": a["split"]}], tmp_path / "pairs.jsonl")
+
+
+def test_splits_are_by_prompt_with_both_sides_even_when_small():
+    pairs = [make_pair([{"role": "user", "content": f"q{i % 3}"}], f"good {i}", f"bad {i}", {"kind": "rules"}) for i in range(9)]
+    assign_splits(pairs, seed=7, eval_fraction=0.1)
+    sides = {}
+    for p in pairs:
+        sides.setdefault(p["prompt_id"], set()).add(p["split"])
+    assert all(len(s) == 1 for s in sides.values())
+    assert sorted(s.pop() for s in sides.values()) == ["eval", "train", "train"]  # 3 prompts: at least one held out
+    again = assign_splits([dict(p) for p in pairs], seed=7, eval_fraction=0.1)
+    assert [p["split"] for p in again] == [p["split"] for p in pairs]
 
 
 def test_import_command(tmp_path):

@@ -22,10 +22,13 @@ OUTPUTS = [
     "data/generated/machine_instructions.jsonl", "data/filtered/instructions.jsonl",
     "data/formatted/train.jsonl", "data/formatted/eval.jsonl",
     "metrics/self_instruct.json", "metrics/filter.json", "metrics/format.json",
+    "data/preferences/samples.jsonl", "data/preferences/pairs.jsonl", "data/preferences/judgements.jsonl",
+    "metrics/samples.json", "metrics/preferences.json",
 ]
 
 
-DATA_STAGES = ("base_model", "self_instruct", "filter", "format")
+DATA_STAGES = ("base_model", "self_instruct", "filter", "format", "samples", "preferences")
+TRAINING_STAGES = ("sft", "reward_model")
 
 
 def digests(repo):
@@ -63,7 +66,7 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
         assert "up to date" in sh(["dvc", "status"], repo).stdout
         assert snakemake_jobs(repo) == {}
         assert "didn't change, skipping" in sh(["dvc", "repro"], repo).stdout
-        for stage in (*DATA_STAGES, "sft"):
+        for stage in (*DATA_STAGES, *TRAINING_STAGES):
             assert (repo / "logs" / f"{stage}.log").stat().st_size > 0
     # the same lock: Snakemake's onsuccess recorded exactly what dvc repro recorded
     def lock(repo):  # the data stages' outs must be recorded identically (logs carry timestamps)
@@ -73,6 +76,14 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
     assert lock(via_dvc) == lock(via_snakemake)
     filtered = json.loads((via_dvc / "metrics/filter.json").read_text())
     assert filtered["in"] == 24 and filtered["kept"] > 0
+    preferences = json.loads((via_dvc / "metrics/preferences.json").read_text())
+    assert preferences["train_pairs"] > 0 and preferences["eval_pairs"] > 0
+    rm = json.loads((via_dvc / "metrics/reward_model.json").read_text())
+    assert {"eval_accuracy", "eval_baseline_longer_accuracy", "eval_baseline_random_accuracy"} <= rm.keys()
+    assert (via_dvc / "models/reward/model.safetensors").is_file()
+
+
+DOWNSTREAM_OF_FORMAT = ("sft", "samples", "preferences", "reward_model")
 
 
 def change_param(repo, section, key, value):
@@ -88,9 +99,9 @@ def test_param_change_reruns_only_dependants(pipelines):
 
     ran = set(re.findall(r"Running stage '(\w+)'", sh(["dvc", "repro"], via_dvc).stdout))
     # DVC reruns format only if filter's output changed; nothing upstream of filter reruns
-    assert "filter" in ran and ran <= {"filter", "format", "sft"}
+    assert "filter" in ran and ran <= {"filter", "format", *DOWNSTREAM_OF_FORMAT}
     # Snakemake's params trigger works from its own records of the run that made the outputs
-    assert snakemake_jobs(via_snakemake) == {"filter": 1, "format": 1, "sft": 1}
+    assert snakemake_jobs(via_snakemake) == {"filter": 1, "format": 1, **{s: 1 for s in DOWNSTREAM_OF_FORMAT}}
     sh(["snakemake", "-c", "2"], via_snakemake)
     assert digests(via_dvc) == digests(via_snakemake)
     for repo in pipelines:

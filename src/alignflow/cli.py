@@ -27,6 +27,9 @@ STAGES = {
     "filter": "drop short/long, blacklisted and ROUGE-L near-duplicate instructions",
     "format": "render Alpaca and chat-template text, split train / eval",
     "sft": "supervised fine-tuning: full, lora, qlora, prefix or adapter",
+    "samples": "sample K responses per held-out prompt from the SFT model",
+    "preferences": "rank the samples with a judge (ai, rules, constitution, human) into preference pairs",
+    "reward_model": "train a Bradley-Terry reward model on the pairs (TRL RewardTrainer)",
 }
 
 

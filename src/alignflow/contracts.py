@@ -121,6 +121,24 @@ SUITES: dict[str, Suite] = {
             ("ExpectColumnValuesToBeBetween", {"column": "n_messages", "min_value": 2, "max_value": 3}),
         ],
     ),
+    "samples": Suite(
+        columns=lambda r: {
+            "prompt_id": r.get("prompt_id"), "source_id": r.get("source_id"), "harmful": r.get("harmful"),
+            "n_prompt_messages": len(r.get("prompt") or []), "n_responses": len(r.get("responses") or []),
+            "response_ids_unique": len({x.get("id") for x in r.get("responses") or []}) == len(r.get("responses") or []),
+            "responses_are_text": all(isinstance(x.get("text"), str) for x in r.get("responses") or []),
+        },
+        expectations=[
+            ("ExpectColumnValuesToBeUnique", {"column": "prompt_id"}),
+            *_text("prompt_id"),
+            *_text("source_id"),
+            *_bool("harmful"),
+            ("ExpectColumnValuesToBeBetween", {"column": "n_prompt_messages", "min_value": 1}),
+            ("ExpectColumnValuesToBeBetween", {"column": "n_responses", "min_value": 1}),
+            ("ExpectColumnValuesToBeInSet", {"column": "response_ids_unique", "value_set": [True]}),
+            ("ExpectColumnValuesToBeInSet", {"column": "responses_are_text", "value_set": [True]}),
+        ],
+    ),
     "pairs": Suite(
         columns=lambda r: {
             "id": r.get("id"), "prompt_id": r.get("prompt_id"), "split": r.get("split"),
@@ -153,7 +171,7 @@ def _failure_summary(result: Any, rows: list[dict[str, Any]], limit: int = 3) ->
         column = config.kwargs.get("column")
         found = item.result or {}
         indices = (found.get("unexpected_index_list") or [])[:limit]
-        examples = [f"row {i} (id={rows[i].get('id')!r}): {rows[i].get(column)!r}"[:160] for i in indices]
+        examples = [f"row {i} (id={rows[i].get('id', rows[i].get('prompt_id'))!r}): {rows[i].get(column)!r}"[:160] for i in indices]
         if not indices and found.get("partial_unexpected_list"):
             examples = [repr(v)[:120] for v in found["partial_unexpected_list"][:limit]]
         count = found.get("unexpected_count")

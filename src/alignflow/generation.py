@@ -6,7 +6,8 @@
   key is read from the environment variable named in params and is never logged or written.
 
 Both expose `generate(prompts, max_new_tokens=..., seed=...) -> list[str]` and `describe()`, the
-provenance recorded beside each generated example (no secrets in it).
+provenance recorded beside each generated example (no secrets in it). A prompt is a string (one user
+turn) or a list of chat messages.
 """
 
 from __future__ import annotations
@@ -20,16 +21,22 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
+Prompt = str | list[dict[str, str]]  # one user turn, or chat messages
+
+
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
 
 class Generator(Protocol):
-    def generate(self, prompts: list[str], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]: ...
+    def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]: ...
 
     def describe(self) -> dict[str, Any]: ...
 
 
 class TransformersGenerator:
     def __init__(self, model_path: str, *, temperature: float, top_p: float, batch_size: int, chat_template: bool):
-        from alignflow.models import Source, load_model, load_tokenizer, pick_device_dtype
+        from alignflow.models import Source, load_for_inference, load_tokenizer, pick_device_dtype
 
         self.model_path, self.temperature, self.top_p = model_path, temperature, top_p
         self.batch_size, self.chat_template = batch_size, chat_template
@@ -38,18 +45,19 @@ class TransformersGenerator:
         self.tokenizer.padding_side = "left"  # decoder-only batches must be padded on the left
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = load_model(Source(model_path), dtype=dtype).to(self.device).eval()
+        self.model = load_for_inference(model_path, dtype=dtype).to(self.device).eval()
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "transformers", "model": self.model_path, "chat_template": self.chat_template}
 
-    def _render(self, prompt: str) -> str:
+    def _render(self, prompt: Prompt) -> str:
         if not self.chat_template:
+            if not isinstance(prompt, str):
+                raise ValueError("chat messages need chat_template: true")
             return prompt
-        messages = [{"role": "user", "content": prompt}]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
 
-    def generate(self, prompts: list[str], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
+    def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
         import torch
 
         torch.manual_seed(seed)  # one seed per call: a rerun with the same params samples the same tokens
@@ -89,10 +97,10 @@ class OpenAIGenerator:
     def describe(self) -> dict[str, Any]:
         return {"backend": "openai", "model": self.model, "api_base": self.api_base}
 
-    def _one(self, prompt: str, max_new_tokens: int, seed: int, stop: list[str] | None) -> str:
+    def _one(self, prompt: Prompt, max_new_tokens: int, seed: int, stop: list[str] | None) -> str:
         reply = self.client.chat.completions.create(
             model=self.model,
-            messages=[{"role": "user", "content": prompt}],
+            messages=as_messages(prompt),
             max_tokens=max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -101,7 +109,7 @@ class OpenAIGenerator:
         )
         return _cut_at_stop(reply.choices[0].message.content or "", stop)
 
-    def generate(self, prompts: list[str], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
+    def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
         # each prompt gets its own seed derived from the call's, so results do not depend on arrival order
         with ThreadPoolExecutor(self.concurrency) as pool:
             jobs = [pool.submit(self._one, p, max_new_tokens, seed + i, stop) for i, p in enumerate(prompts)]

@@ -5,7 +5,8 @@
   (found through its installed metadata; the package itself is never imported, it needs `llm`);
 - a local directory or a hub id, with an optional `gguf_file` inside it.
 `load_model` / `load_tokenizer` load any of them with plain transformers; `pick_device_dtype` chooses
-CUDA + bf16 when a GPU is present, else CPU + fp32.
+CUDA + bf16 when a GPU is present, else CPU + fp32. `load_trained` loads what a training stage wrote,
+`load_for_inference` either kind of directory, with LoRA merged for speed.
 """
 
 from __future__ import annotations
@@ -92,3 +93,15 @@ def load_trained(path: str | Path, dtype: Any = "auto"):
     from alignflow.adapters import load_bottleneck_adapters
 
     return load_bottleneck_adapters(base, path)
+
+
+def load_for_inference(path: str | Path, dtype: Any = "auto"):
+    """A model to sample from: a training stage's output (LoRA merged into its base, for speed) or any
+    plain checkpoint / hub id."""
+    if not (Path(path) / "alignflow_model.json").is_file():
+        return load_model(Source(str(path)), dtype=dtype)
+    model = load_trained(path, dtype=dtype)
+    peft_config = getattr(model, "peft_config", {}).get("default")
+    if peft_config is not None and peft_config.peft_type == "LORA":  # prefix tuning cannot be merged
+        model = model.merge_and_unload()
+    return model

@@ -11,22 +11,22 @@ Reads the three common public shapes, detected per line:
 - chat message lists:  {"chosen": [messages], "rejected": [messages]} (the shared prefix is the prompt;
                        an optional "prompt" string is used when the lists hold only the answer)
 - HH transcripts:      {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}
-The split is by prompt (a seeded hash of `prompt_id`), so no prompt is on both sides.
+The split is by prompt (`assign_splits`: a seeded hash of `prompt_id`), so no prompt is on both sides.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from itertools import combinations
-import logging
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 from alignflow import contracts
 from alignflow.io import InputError, atomic_path, dump_jsonl, read_jsonl
+
+log = logging.getLogger(__name__)
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
@@ -35,9 +35,16 @@ def prompt_id(prompt: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(prompt, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def split_of_prompt(pid: str, seed: int, eval_fraction: float) -> str:
-    digest = hashlib.sha256(f"{seed}\x00{pid}".encode()).digest()
-    return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
+def assign_splits(pairs: list[dict[str, Any]], seed: int, eval_fraction: float) -> list[dict[str, Any]]:
+    """Set each pair's `split` by its prompt: the prompts are ordered by a seeded hash and the first
+    round(n * eval_fraction) of them (at least one, when there are two or more) go to eval, so all pairs
+    of one prompt land on the same side and even a small set has both sides."""
+    pids = sorted({p["prompt_id"] for p in pairs}, key=lambda pid: hashlib.sha256(f"{seed}\x00{pid}".encode()).digest())
+    n_eval = max(1, round(len(pids) * eval_fraction)) if len(pids) >= 2 else 0
+    held_out = set(pids[:n_eval])
+    for pair in pairs:
+        pair["split"] = "eval" if pair["prompt_id"] in held_out else "train"
+    return pairs
 
 
 def ranking_to_pairs(ranked: list[list[str]]) -> list[tuple[str, str]]:
@@ -88,12 +95,12 @@ def parse_pair(record: dict[str, Any], where: str) -> tuple[list[dict[str, str]]
     return messages, good, bad
 
 
-def make_pair(messages: list[dict[str, str]], chosen: str, rejected: str, judge: dict[str, Any],
-              seed: int, eval_fraction: float) -> dict[str, Any]:
+def make_pair(messages: list[dict[str, str]], chosen: str, rejected: str, judge: dict[str, Any]) -> dict[str, Any]:
+    """A pair record; its `split` is set by `assign_splits` once all pairs are known."""
     pid = prompt_id(messages)
     pair_hash = hashlib.sha256(json.dumps([pid, chosen, rejected], ensure_ascii=False).encode()).hexdigest()[:16]
     return {"id": pair_hash, "prompt_id": pid, "prompt": messages, "chosen": chosen, "rejected": rejected,
-            "judge": judge, "split": split_of_prompt(pid, seed, eval_fraction)}
+            "judge": judge, "split": None}
 
 
 def import_file(source: str, output: str, seed: int, eval_fraction: float) -> None:
@@ -101,9 +108,9 @@ def import_file(source: str, output: str, seed: int, eval_fraction: float) -> No
     pairs: dict[str, dict[str, Any]] = {}
     for line, record in read_jsonl(source):
         messages, chosen, rejected = parse_pair(record, f"{source}:{line}")
-        pair = make_pair(messages, chosen, rejected, {"kind": "import", "source": source, "line": line}, seed, eval_fraction)
+        pair = make_pair(messages, chosen, rejected, {"kind": "import", "source": source, "line": line})
         pairs.setdefault(pair["id"], pair)  # the same pair twice is kept once
-    records = list(pairs.values())
+    records = assign_splits(list(pairs.values()), seed, eval_fraction)
     contracts.validate("pairs", records, output)
     with atomic_path(output) as tmp:
         dump_jsonl(records, tmp)

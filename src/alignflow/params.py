@@ -45,6 +45,13 @@ class PathParams:
     train: str
     eval: str
     sft_model: str
+    prompts: str
+    annotations: str
+    samples: str
+    judgements: str
+    pairs: str
+    reward_model: str
+    plots: str
     checkpoints: str
     dvclive: str
     metrics: str
@@ -113,6 +120,49 @@ class SftParams:
 
 
 @dataclass(frozen=True)
+class SamplesParams:
+    prompts: str
+    num_responses: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int
+    max_prompts: int | None
+
+
+@dataclass(frozen=True)
+class PreferencesParams:
+    judge: str
+    eval_fraction: float
+    principles: tuple[str, ...]
+    judge_backend: str
+    judge_model: str | None
+    api_base: str | None
+    api_key_env: str
+    judge_batch_size: int
+    rules_min_tokens: int
+    rules_max_tokens: int
+    revision_max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class RewardModelParams:
+    method: str
+    epochs: float
+    learning_rate: float
+    warmup_ratio: float
+    weight_decay: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    max_length: int
+    center_rewards_coefficient: float
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     model: ModelParams
@@ -121,6 +171,9 @@ class Params:
     filter: FilterParams
     format: FormatParams
     sft: SftParams
+    samples: SamplesParams
+    preferences: PreferencesParams
+    reward_model: RewardModelParams
 
 
 def schema_path(params_file: Path) -> Path:
@@ -192,15 +245,9 @@ def load_params(params_file: str | Path = "params.yaml") -> Params:
         where = f"{params_file}:{mark.line + 1}" if mark else str(params_file)
         raise ParamsError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
     validate(data, params_file, text)
-    return Params(
-        seed=data["seed"],
-        model=ModelParams(**data["model"]),
-        paths=PathParams(**data["paths"]),
-        self_instruct=SelfInstructParams(**data["self_instruct"]),
-        filter=FilterParams(**{**data["filter"], "blacklist": tuple(data["filter"]["blacklist"])}),
-        format=FormatParams(**data["format"]),
-        sft=SftParams(**{**data["sft"], "lora_target_modules": tuple(data["sft"]["lora_target_modules"])}),
-    )
+    sections = {name: kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in data[name].items()})
+                for name, kind in typing.get_type_hints(Params).items() if name != "seed"}
+    return Params(seed=data["seed"], **sections)
 
 
 def section_fields() -> dict[str, list[str]]:

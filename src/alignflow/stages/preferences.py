@@ -1,0 +1,206 @@
+"""Stage `preferences`: rank the sampled responses with a judge and write preference pairs.
+
+    alignflow preferences                         # reads params.yaml: seed, preferences, paths
+    dvc exp run -S preferences.judge=rules        # another judge; the samples are not redrawn
+
+Reads:  `paths.samples` (the samples stage); for `judge: human` the rankings in `paths.annotations/*.jsonl`;
+        the judge model (`preferences.judge_model`, default `paths.base_model`) for `ai` and `constitution`.
+Writes: `paths.pairs`: {"id", "prompt_id", "prompt", "chosen", "rejected", "judge", "split"} (alignflow.pairs),
+        split by prompt so no prompt is on both sides; `paths.judgements`: every decision the judge made,
+        ties included (the audit trail); `<paths.metrics>/preferences.json`: pair counts and, for the AI judge,
+        how often the two orders agreed.
+
+Judges (`preferences.judge`; see alignflow.judges):
+  ai            every pair of a prompt's K responses, asked in both orders; agreeing answers make a pair,
+                disagreeing ones a tie (no pair). The judge's prompt, model and both verdicts go with the pair.
+  rules         checks that need no model (non-empty, no degenerate repetition, language of the prompt, length
+                band, refuses harmful / answers benign prompts); the score ranks the K responses, equal scores tie.
+  constitution  critique each response by a principle (drawn with the seed), revise it; revision > original.
+  human         rankings people wrote, one JSON line each: {"prompt_id", "ranking": [response ids, best first; a
+                list of ids is a tie], "annotator"}. Several annotators: each pair goes the majority's way.
+A ranking of K responses gives all K*(K-1)/2 pairs (InstructGPT); ties give none.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from alignflow import contracts
+from alignflow.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
+from alignflow.judges import (LocalJudge, OpenAIJudge, compare_both_orders, critique_prompt, request_text,
+                              revision_prompt, rule_checks, rule_score)
+from alignflow.pairs import assign_splits, make_pair, ranking_to_pairs
+from alignflow.params import Params, PathParams, PreferencesParams
+
+log = logging.getLogger(__name__)
+
+
+def read_samples(path: str) -> list[dict[str, Any]]:
+    return [record for _, record in read_jsonl(path, {"prompt_id": str, "prompt": list, "harmful": bool, "responses": list})]
+
+
+def judge_model(cfg: PreferencesParams, paths: PathParams) -> str:
+    if cfg.judge_backend == "openai" and not (cfg.judge_model and cfg.api_base):
+        raise InputError("params.yaml: preferences.judge_model and preferences.api_base: the openai backend needs "
+                         "the served model's name and the server's URL")
+    return cfg.judge_model or paths.base_model
+
+
+# --- the four judges: samples -> (pairs, judgements, metrics) ---
+
+
+def by_ai(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
+    model = judge_model(cfg, paths)
+    judge = (OpenAIJudge(model, api_base=cfg.api_base, api_key_env=cfg.api_key_env, concurrency=cfg.judge_batch_size, seed=seed)
+             if cfg.judge_backend == "openai" else LocalJudge(model, cfg.judge_batch_size))
+    comparisons, owners = [], []
+    for sample in samples:
+        for x, y in combinations(sample["responses"], 2):
+            comparisons.append((sample["prompt"], x, y))
+            owners.append(sample)
+    results = compare_both_orders(judge, cfg.principles, comparisons)
+    pairs, judgements = [], []
+    for sample, result in zip(owners, results):
+        judgements.append({"prompt_id": sample["prompt_id"], "judge": "ai", **result})
+        if result["winner"] is None:
+            continue
+        text = {r["id"]: r["text"] for r in sample["responses"]}
+        loser = result["second"] if result["winner"] == result["first"] else result["first"]
+        pairs.append(make_pair(sample["prompt"], text[result["winner"]], text[loser], {
+            "kind": "ai", "model": judge.describe(), "principles": list(cfg.principles),
+            "prompt": result["prompt"], "verdicts": result["verdicts"]}))
+    answers = [v["answer"] for r in results for v in r["verdicts"]]
+    metrics = {
+        "comparisons": len(results),
+        "agreement_across_orders": sum(r["winner"] is not None for r in results) / max(1, len(results)),
+        "first_position_rate": answers.count("A") / max(1, sum(a is not None for a in answers)),
+        "unanswered": answers.count(None), "ties": sum(r["winner"] is None for r in results),
+    }
+    return pairs, judgements, metrics
+
+
+def by_rules(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
+    pairs, judgements, passed = [], [], Counter()
+    for sample in samples:
+        request = request_text(sample["prompt"])
+        scored = []
+        for response in sample["responses"]:
+            checks = rule_checks(request, response["text"], sample["harmful"], cfg.rules_min_tokens, cfg.rules_max_tokens)
+            passed.update(k for k, ok in checks.items() if ok)
+            scored.append((rule_score(checks), response))
+            judgements.append({"prompt_id": sample["prompt_id"], "judge": "rules", "response": response["id"],
+                               "checks": checks, "score": rule_score(checks)})
+        tiers = [[r["text"] for s, r in scored if s == score] for score in sorted({s for s, _ in scored}, reverse=True)]
+        score_of = {r["text"]: s for s, r in scored}
+        for chosen, rejected in ranking_to_pairs(tiers):
+            pairs.append(make_pair(sample["prompt"], chosen, rejected, {
+                "kind": "rules", "scores": {"chosen": score_of[chosen], "rejected": score_of[rejected]}}))
+    n = sum(len(s["responses"]) for s in samples)
+    return pairs, judgements, {f"pass_rate_{k}": passed[k] / n for k in
+                               ("non_empty", "no_repetition", "language_match", "length_in_band", "refusal_correct")}
+
+
+def constitution_pairs(samples, generator, principles: tuple[str, ...], max_new_tokens: int, seed: int):
+    """Critique every non-empty response by a principle drawn with the seed, then revise it; each usable
+    revision (non-empty, not the original) is preferred over its original."""
+    rng = random.Random(seed)
+    items = [(s, r, rng.choice(principles)) for s in samples for r in s["responses"] if r["text"].strip()]
+    critiques = generator.generate([critique_prompt(request_text(s["prompt"]), r["text"], p) for s, r, p in items],
+                                   max_new_tokens=max_new_tokens, seed=seed)
+    revisions = generator.generate([revision_prompt(request_text(s["prompt"]), r["text"], c.strip(), p)
+                                    for (s, r, p), c in zip(items, critiques)], max_new_tokens=max_new_tokens, seed=seed + 1)
+    pairs, judgements = [], []
+    for (sample, response, principle), critique, revision in zip(items, critiques, revisions):
+        revision, critique = revision.strip(), critique.strip()
+        judgements.append({"prompt_id": sample["prompt_id"], "judge": "constitution", "response": response["id"],
+                           "principle": principle, "critique": critique, "revision": revision})
+        if revision and revision != response["text"].strip():
+            pairs.append(make_pair(sample["prompt"], revision, response["text"], {
+                "kind": "constitution", "model": generator.describe(), "principle": principle, "critique": critique}))
+    return pairs, judgements, {"responses_revised": len(items), "revisions_unusable": len(items) - len(pairs)}
+
+
+def by_constitution(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
+    from alignflow.generation import OpenAIGenerator, TransformersGenerator
+
+    model = judge_model(cfg, paths)
+    generator = (OpenAIGenerator(model, api_base=cfg.api_base, api_key_env=cfg.api_key_env, temperature=0.0, top_p=1.0,
+                                 concurrency=cfg.judge_batch_size) if cfg.judge_backend == "openai"
+                 else TransformersGenerator(model, temperature=0.0, top_p=1.0, batch_size=cfg.judge_batch_size, chat_template=True))
+    return constitution_pairs(samples, generator, cfg.principles, cfg.revision_max_new_tokens, seed)
+
+
+def by_human(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
+    files = sorted(Path(paths.annotations).glob("*.jsonl"))
+    if not files:
+        raise InputError(f"{paths.annotations}: no *.jsonl rankings (preferences.judge: human reads them)")
+    by_pid = {s["prompt_id"]: s for s in samples}
+    votes: dict[tuple[str, str, str], Counter] = {}  # (prompt_id, a, b) with a < b -> votes for a, for b
+    judgements, annotators = [], set()
+    for file in files:
+        for line, record in read_jsonl(file, {"prompt_id": str, "ranking": list, "annotator": str}):
+            where = f"{file}:{line}"
+            sample = by_pid.get(record["prompt_id"])
+            if sample is None:
+                raise InputError(f"{where}: field 'prompt_id': {record['prompt_id']!r} is not in {paths.samples}")
+            tiers = [t if isinstance(t, list) else [t] for t in record["ranking"]]
+            ids = [i for t in tiers for i in t]
+            known = {r["id"] for r in sample["responses"]}
+            if len(set(ids)) != len(ids) or not set(ids) <= known:
+                raise InputError(f"{where}: field 'ranking': response ids must be distinct ids of this prompt's responses "
+                                 f"({', '.join(sorted(known))})")
+            annotators.add(record["annotator"])
+            judgements.append({"prompt_id": record["prompt_id"], "judge": "human", "annotator": record["annotator"],
+                               "ranking": tiers, "source": f"{file.name}:{line}"})
+            for better, worse in ranking_to_pairs(tiers):
+                a, b = sorted((better, worse))
+                votes.setdefault((record["prompt_id"], a, b), Counter())[better] += 1
+    pairs = []
+    for (pid, a, b), count in sorted(votes.items()):
+        if count[a] == count[b]:
+            continue  # annotators split evenly: a tie
+        winner, loser = (a, b) if count[a] > count[b] else (b, a)
+        text = {r["id"]: r["text"] for r in by_pid[pid]["responses"]}
+        pairs.append(make_pair(by_pid[pid]["prompt"], text[winner], text[loser],
+                               {"kind": "human", "votes_for": count[winner], "votes_against": count[loser]}))
+    return pairs, judgements, {"rankings": len(judgements), "annotators": len(annotators)}
+
+
+JUDGES = {"ai": by_ai, "rules": by_rules, "constitution": by_constitution, "human": by_human}
+
+
+def run(params: Params) -> None:
+    cfg, paths = params.preferences, params.paths
+    samples = read_samples(paths.samples)
+    pairs, judgements, judge_metrics = JUDGES[cfg.judge](samples, cfg, paths, params.seed)
+    unique = list({p["id"]: p for p in pairs}.values())  # the same two texts twice (e.g. a repeated revision) once
+    if not unique:
+        raise InputError(f"{paths.samples}: the {cfg.judge} judge preferred no response over another "
+                         f"({judge_metrics}); use a stronger judge (README: plugging in a judge server) or more samples")
+    assign_splits(unique, params.seed, cfg.eval_fraction)
+    contracts.validate("pairs", unique, paths.pairs)
+
+    split_counts = Counter(p["split"] for p in unique)
+    prompts_by_split = {s: len({p["prompt_id"] for p in unique if p["split"] == s}) for s in ("train", "eval")}
+    metrics = {
+        "judge": cfg.judge, "prompts": len(samples), "responses": sum(len(s["responses"]) for s in samples),
+        "pairs": len(unique), "train_pairs": split_counts["train"], "eval_pairs": split_counts["eval"],
+        "train_prompts": prompts_by_split["train"], "eval_prompts": prompts_by_split["eval"],
+        "prompts_without_pairs": len(samples) - len({p["prompt_id"] for p in unique}),
+        "mean_chosen_chars": sum(len(p["chosen"]) for p in unique) / len(unique),
+        "mean_rejected_chars": sum(len(p["rejected"]) for p in unique) / len(unique),
+        **judge_metrics,
+    }
+    with (atomic_path(paths.pairs) as tmp_pairs, atomic_path(paths.judgements) as tmp_judgements,
+          atomic_path(Path(paths.metrics) / "preferences.json") as tmp_metrics):
+        dump_jsonl(unique, tmp_pairs)
+        dump_jsonl(judgements, tmp_judgements)
+        dump_json(metrics, tmp_metrics)
+    log.info("%s judge: %d pairs (%d train / %d eval) from %d prompts; %s", cfg.judge, len(unique),
+             split_counts["train"], split_counts["eval"], len(samples),
+             ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in judge_metrics.items()))

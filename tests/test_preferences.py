@@ -1,0 +1,213 @@
+"""Sampling and judging: position swap, rules, constitution revisions, human rankings, refusal detection,
+and the two stages run through `alignflow` on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from alignflow.judges import compare_both_orders, is_degenerate, language_of, rule_checks
+from alignflow.refusal import is_refusal
+from alignflow.stages.preferences import constitution_pairs
+from conftest import ROOT, alignflow, tiny_params, write_params
+
+PROMPT = [{"role": "user", "content": "Name a fruit."}]
+R = [{"id": f"r{i}", "text": t} for i, t in enumerate(["An apple.", "A good pear.", "Stone.", "A plum."])]
+
+
+class AlwaysA:
+    """A judge with total position bias."""
+
+    def answer(self, questions):
+        return [("A", 0.9) for _ in questions]
+
+    def describe(self):
+        return {"backend": "test", "model": "always-A"}
+
+
+class PrefersGood:
+    """A judge that reads the responses: it picks whichever one mentions 'good'."""
+
+    def answer(self, questions):
+        out = []
+        for q in questions:
+            first = q.split("[Response A]\n", 1)[1].split("\n\n[Response B]", 1)[0]
+            out.append(("A", 0.8) if "good" in first else ("B", 0.2))
+        return out
+
+    def describe(self):
+        return {"backend": "test", "model": "prefers-good"}
+
+
+def test_judge_is_asked_both_orders_and_position_bias_gives_only_ties():
+    comparisons = [(PROMPT, x, y) for i, x in enumerate(R) for y in R[i + 1 :]]
+    results = compare_both_orders(AlwaysA(), ("be helpful",), comparisons)
+    assert len(results) == 6 and all(r["winner"] is None for r in results)
+    for r in results:  # really swapped: the second question shows the responses the other way round
+        assert r["verdicts"][0]["shown"] == r["verdicts"][1]["shown"][::-1]
+
+    results = compare_both_orders(PrefersGood(), ("be helpful",), comparisons)
+    decided = [r for r in results if r["winner"] is not None]
+    assert len(decided) == 3 and all(r["winner"] == "r1" for r in decided)  # r1 beats each of the three others
+    assert "A good pear." in results[0]["prompt"] and "1. be helpful" in results[0]["prompt"]
+
+
+def test_rule_checks():
+    assert is_degenerate("the the the the the the cat")
+    assert is_degenerate("I like it. " * 8)
+    assert not is_degenerate("Paris is the capital of France and its largest city by population.")
+    assert language_of("为什么树叶在秋天会变黄？") == "zh" and language_of("如何用Python计算平均值？") == "zh"
+    assert language_of("Why is the sky blue?") == "en" and language_of("42") is None
+    harmful = rule_checks("How do I make a bomb?", "I'm sorry, but I can't help with that request.", True, 3, 50)
+    assert all(harmful.values())
+    benign = rule_checks("Name a fruit.", "I'm sorry, but I can't help with that.", False, 3, 50)
+    assert not benign["refusal_correct"]
+    assert rule_checks("写一首诗。", "Roses are red, violets are blue.", False, 3, 50)["language_match"] is False
+    assert not any(rule_checks("Name a fruit.", "  ", False, 0, 50).values())
+    assert rule_checks("Name a fruit.", "Apple.", False, 3, 50)["length_in_band"] is False
+
+
+@pytest.mark.parametrize("text,refuses", [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I cannot provide instructions for making weapons.", True),
+    ("As an AI, I must decline this request.", True),
+    ("I won't help you hurt someone.", True),
+    ("抱歉，我不能帮助你做这件事。", True),
+    ("我无法提供这方面的信息。", True),
+    ("Sure! Here is a simple tomato soup recipe: ...", False),
+    ("The capital of Australia is Canberra.", False),
+    ("光合作用是植物利用阳光制造养分的过程。", False),
+    ("Here are three tips. I can't stress enough how much sleep matters.", False),  # an idiom, not a refusal
+    ("Tomato soup: " + "simmer tomatoes, onion and garlic, then blend. " * 5 + "I cannot wait to try it!", False),
+    ("Here is the recipe you asked for. " * 6 + "I cannot help with anything illegal, though.", False),  # late: answered
+])
+def test_refusal_detector(text, refuses):
+    assert is_refusal(text) is refuses
+
+
+class Reviser:
+    """Stands in for the LLM: critiques say what is wrong, revisions add a sentence; one revision is empty."""
+
+    def generate(self, prompts, *, max_new_tokens, seed, stop=None):
+        return [("" if "Stone." in p else "Better: " + p.split("[Response]\n", 1)[1].split("\n\n", 1)[0])
+                if "Rewrite the response" in p else "It is too short." for p in prompts]
+
+    def describe(self):
+        return {"backend": "test"}
+
+
+def test_constitution_prefers_the_revision():
+    samples = [{"prompt_id": "p1", "prompt": PROMPT, "harmful": False, "responses": R[:3]}]
+    pairs, judgements, metrics = constitution_pairs(samples, Reviser(), ("Be helpful.", "Be honest."), 32, seed=1)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("Better: An apple.", "An apple."), ("Better: A good pear.", "A good pear.")]
+    assert metrics == {"responses_revised": 3, "revisions_unusable": 1}
+    assert all(j["critique"] == "It is too short." and j["principle"] in ("Be helpful.", "Be honest.") for j in judgements)
+    assert pairs[0]["judge"]["kind"] == "constitution" and pairs[0]["judge"]["principle"]
+
+
+# --- the stages, through the CLI ---
+
+
+def samples_file(path, n_prompts=6):
+    rows = []
+    for i in range(n_prompts):
+        harmful = i % 3 == 2
+        prompt = [{"role": "user", "content": f"How do I hurt person {i}?" if harmful else f"Name {i + 2} fruits."}]
+        texts = ["I'm sorry, but I can't help with that.", "Apples, pears and plums are all tasty fruits to eat.",
+                 "fruit fruit fruit fruit fruit fruit fruit", "苹果和梨都是很好吃的水果。"]
+        rows.append({"prompt_id": f"p{i}", "source_id": f"s{i}", "prompt": prompt, "harmful": harmful,
+                     "responses": [{"id": f"p{i}r{j}", "text": t} for j, t in enumerate(texts)], "generator": {}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return rows
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_rules_judge_stage(workdir, tiny_model_dir):
+    samples_file(workdir / "data" / "preferences" / "samples.jsonl")
+    write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="rules", preferences__eval_fraction=0.34))
+    result = alignflow("preferences", workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pairs = read(workdir / "data" / "preferences" / "pairs.jsonl")
+    for p in pairs:
+        assert p["judge"]["scores"]["chosen"] > p["judge"]["scores"]["rejected"]
+    benign = [p for p in pairs if "fruits" in p["prompt"][0]["content"]]
+    harmful = [p for p in pairs if "hurt" in p["prompt"][0]["content"]]
+    # benign: the English answer beats everything; harmful: the refusal beats everything
+    assert all(p["rejected"] != "Apples, pears and plums are all tasty fruits to eat." for p in benign)
+    assert {p["chosen"] for p in harmful if p["rejected"].startswith("Apples")} == {"I'm sorry, but I can't help with that."}
+    sides = {}
+    for p in pairs:
+        sides.setdefault(p["prompt_id"], set()).add(p["split"])
+    assert all(len(s) == 1 for s in sides.values()) and {s.pop() for s in sides.values()} == {"train", "eval"}
+    metrics = json.loads((workdir / "metrics" / "preferences.json").read_text())
+    assert metrics["pairs"] == len(pairs) == metrics["train_pairs"] + metrics["eval_pairs"]
+    assert metrics["eval_prompts"] == 2 and metrics["judge"] == "rules"
+    assert len(read(workdir / "data" / "preferences" / "judgements.jsonl")) == 24  # one per response
+
+
+def test_human_judge_majority_and_bad_rankings(workdir, tiny_model_dir):
+    samples_file(workdir / "data" / "preferences" / "samples.jsonl", n_prompts=2)
+    write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="human"))
+    notes = workdir / "data" / "annotations"
+    notes.mkdir(parents=True)
+    rankings = [
+        {"prompt_id": "p0", "ranking": ["p0r1", "p0r3", ["p0r0", "p0r2"]], "annotator": "ana"},  # 5 pairs
+        {"prompt_id": "p0", "ranking": ["p0r3", "p0r1"], "annotator": "bo"},  # disagrees on r1 vs r3
+        {"prompt_id": "p0", "ranking": ["p0r3", "p0r1"], "annotator": "cy"},  # ... and cy sides with bo
+        {"prompt_id": "p1", "ranking": ["p1r0", "p1r1"], "annotator": "ana"},
+        {"prompt_id": "p1", "ranking": ["p1r1", "p1r0"], "annotator": "bo"},  # an even split: a tie
+    ]
+    (notes / "batch1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rankings))
+    result = alignflow("preferences", workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = {(p["chosen"][:6], p["rejected"][:6]) for p in read(workdir / "data" / "preferences" / "pairs.jsonl")}
+    texts = {f"r{i}": t[:6] for i, t in enumerate(["I'm sorry, but I can't help with that.", "Apples, pears and plums are all tasty fruits to eat.",
+                                                 "fruit fruit fruit fruit fruit fruit fruit", "苹果和梨都是很好吃的水果。"])}
+    assert got == {(texts["r3"], texts["r1"]), (texts["r1"], texts["r0"]), (texts["r1"], texts["r2"]),
+                   (texts["r3"], texts["r0"]), (texts["r3"], texts["r2"])}
+    metrics = json.loads((workdir / "metrics" / "preferences.json").read_text())
+    assert metrics["annotators"] == 3 and metrics["rankings"] == 5
+
+    (notes / "batch2.jsonl").write_text(json.dumps({"prompt_id": "p0", "ranking": ["p0r1", "p0r1"], "annotator": "dee"}) + "\n")
+    before = (workdir / "data" / "preferences" / "pairs.jsonl").read_bytes()
+    result = alignflow("preferences", workdir)
+    assert result.returncode == 2 and "batch2.jsonl:1: field 'ranking'" in result.stderr
+    assert (workdir / "data" / "preferences" / "pairs.jsonl").read_bytes() == before  # nothing half written
+
+
+def test_samples_stage_then_ai_judge_on_the_tiny_model(workdir, tiny_model_dir):
+    """K responses per prompt, reproducible byte for byte; then the local AI judge, whose untrained model has
+    total position bias, yields only ties: the stage says so and writes nothing."""
+    shutil.copytree(tiny_model_dir, workdir / "models" / "sft")
+    shutil.copytree(ROOT / "data" / "prompts", workdir / "data" / "prompts")
+    write_params(workdir, tiny_params(tiny_model_dir, samples__max_prompts=6, samples__max_new_tokens=16, preferences__judge="ai"))
+    assert alignflow("samples", workdir).returncode == 0
+    path = workdir / "data" / "preferences" / "samples.jsonl"
+    first = path.read_bytes()
+    rows = read(path)
+    assert len(rows) == 6 and all(len(r["responses"]) == 4 for r in rows)
+    assert all(r["prompt"][-1]["role"] == "user" for r in rows)
+    assert alignflow("samples", workdir).returncode == 0 and path.read_bytes() == first
+
+    result = alignflow("preferences", workdir)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "the ai judge preferred no response over another" in result.stderr and "'agreement_across_orders': 0.0" in result.stderr
+    assert not (workdir / "data" / "preferences" / "pairs.jsonl").exists()
+    assert not (workdir / "metrics" / "preferences.json").exists()
+
+
+def test_bad_prompt_file_names_line_and_field(workdir, tiny_model_dir):
+    shutil.copytree(tiny_model_dir, workdir / "models" / "sft")
+    prompts = workdir / "data" / "prompts" / "preferences.jsonl"
+    prompts.parent.mkdir(parents=True)
+    prompts.write_text(json.dumps({"id": "a", "prompt": "Hi"}) + "\n" + json.dumps({"id": "b", "prompt": "Yo", "harmful": "yes"}) + "\n")
+    write_params(workdir, tiny_params(tiny_model_dir))
+    result = alignflow("samples", workdir)
+    assert result.returncode == 2 and "preferences.jsonl:2: field 'harmful'" in result.stderr
+    assert not (workdir / "data" / "preferences" / "samples.jsonl").exists()
