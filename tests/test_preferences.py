@@ -10,7 +10,8 @@ import pytest
 
 from alignflow.judges import compare_both_orders, is_degenerate, language_of, rule_checks
 from alignflow.refusal import is_refusal
-from alignflow.stages.preferences import constitution_pairs
+from alignflow.params import load_params
+from alignflow.stages.preferences import ai_pairs, constitution_pairs
 from conftest import ROOT, alignflow, tiny_params, write_params
 
 PROMPT = [{"role": "user", "content": "Name a fruit."}]
@@ -52,6 +53,22 @@ def test_judge_is_asked_both_orders_and_position_bias_gives_only_ties():
     decided = [r for r in results if r["winner"] is not None]
     assert len(decided) == 3 and all(r["winner"] == "r1" for r in decided)  # r1 beats each of the three others
     assert "A good pear." in results[0]["prompt"] and "1. be helpful" in results[0]["prompt"]
+
+
+def test_rules_settle_the_ties_of_a_position_biased_judge(tmp_path, tiny_model_dir):
+    samples = [{"prompt_id": "p", "prompt": PROMPT, "harmful": False,
+                "responses": [{"id": "ok", "text": "An apple is a fruit that grows on trees."}, {"id": "zh", "text": "苹果是一种长在树上的水果。"},
+                              {"id": "loop", "text": "fruit fruit fruit fruit fruit fruit fruit"}]}]
+    cfg = load_params(write_params(tmp_path, tiny_params(tiny_model_dir, preferences__rules_min_tokens=8, preferences__rules_max_tokens=50))).preferences
+    assert cfg.tie_breaker == "rules"
+    pairs, judgements, metrics = ai_pairs(samples, AlwaysA(), cfg)
+    assert metrics["agreement_across_orders"] == 0 and metrics["first_position_rate"] == 1.0
+    assert metrics["pairs_from_ai"] == 0 and metrics["pairs_from_tie_breaker"] == 3 and len(judgements) == 3
+    assert {(p["chosen"][:2], p["rejected"][:2]) for p in pairs} == {("An", "苹果"), ("An", "fr"), ("苹果", "fr")}
+    assert all(p["judge"]["kind"] == "rules" and p["judge"]["ai"]["verdicts"][0]["answer"] == "A" for p in pairs)
+
+    cfg = load_params(write_params(tmp_path, tiny_params(tiny_model_dir, preferences__tie_breaker=None))).preferences
+    assert ai_pairs(samples, AlwaysA(), cfg)[0] == []
 
 
 def test_rule_checks():
@@ -186,7 +203,8 @@ def test_samples_stage_then_ai_judge_on_the_tiny_model(workdir, tiny_model_dir):
     total position bias, yields only ties: the stage says so and writes nothing."""
     shutil.copytree(tiny_model_dir, workdir / "models" / "sft")
     shutil.copytree(ROOT / "data" / "prompts", workdir / "data" / "prompts")
-    write_params(workdir, tiny_params(tiny_model_dir, samples__max_prompts=6, samples__max_new_tokens=16, preferences__judge="ai"))
+    write_params(workdir, tiny_params(tiny_model_dir, samples__max_prompts=6, samples__max_new_tokens=16, preferences__judge="ai",
+                                               preferences__tie_breaker=None))
     assert alignflow("samples", workdir).returncode == 0
     path = workdir / "data" / "preferences" / "samples.jsonl"
     first = path.read_bytes()

@@ -133,6 +133,7 @@ class SamplesParams:
 @dataclass(frozen=True)
 class PreferencesParams:
     judge: str
+    tie_breaker: str | None
     eval_fraction: float
     principles: tuple[str, ...]
     judge_backend: str

@@ -13,6 +13,8 @@ Writes: `paths.pairs`: {"id", "prompt_id", "prompt", "chosen", "rejected", "judg
 Judges (`preferences.judge`; see alignflow.judges):
   ai            every pair of a prompt's K responses, asked in both orders; agreeing answers make a pair,
                 disagreeing ones a tie (no pair). The judge's prompt, model and both verdicts go with the pair.
+                `tie_breaker: rules` lets the rules score settle the ties (for a weak local judge, such as the
+                bundled 135M model, which answers "A" whatever the order); `null` leaves them ties.
   rules         checks that need no model (non-empty, no degenerate repetition, language of the prompt, length
                 band, refuses harmful / answers benign prompts); the score ranks the K responses, equal scores tie.
   constitution  critique each response by a principle (drawn with the seed), revise it; revision > original.
@@ -54,34 +56,50 @@ def judge_model(cfg: PreferencesParams, paths: PathParams) -> str:
 # --- the four judges: samples -> (pairs, judgements, metrics) ---
 
 
-def by_ai(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
-    model = judge_model(cfg, paths)
-    judge = (OpenAIJudge(model, api_base=cfg.api_base, api_key_env=cfg.api_key_env, concurrency=cfg.judge_batch_size, seed=seed)
-             if cfg.judge_backend == "openai" else LocalJudge(model, cfg.judge_batch_size))
+def ai_pairs(samples, judge, cfg: PreferencesParams):
+    """Every pair of a prompt's responses, judged in both orders; with `tie_breaker: rules` the rules score
+    settles the comparisons the AI judge left tied (the pair then records both)."""
     comparisons, owners = [], []
     for sample in samples:
         for x, y in combinations(sample["responses"], 2):
             comparisons.append((sample["prompt"], x, y))
             owners.append(sample)
     results = compare_both_orders(judge, cfg.principles, comparisons)
-    pairs, judgements = [], []
+    pairs, judgements, settled = [], [], 0
     for sample, result in zip(owners, results):
         judgements.append({"prompt_id": sample["prompt_id"], "judge": "ai", **result})
-        if result["winner"] is None:
-            continue
         text = {r["id"]: r["text"] for r in sample["responses"]}
-        loser = result["second"] if result["winner"] == result["first"] else result["first"]
-        pairs.append(make_pair(sample["prompt"], text[result["winner"]], text[loser], {
-            "kind": "ai", "model": judge.describe(), "principles": list(cfg.principles),
-            "prompt": result["prompt"], "verdicts": result["verdicts"]}))
+        ai = {"kind": "ai", "model": judge.describe(), "principles": list(cfg.principles), "prompt": result["prompt"],
+              "verdicts": result["verdicts"]}
+        winner, verdict = result["winner"], ai
+        if winner is None and cfg.tie_breaker == "rules":
+            request = request_text(sample["prompt"])
+            score = {i: rule_score(rule_checks(request, text[i], sample["harmful"], cfg.rules_min_tokens, cfg.rules_max_tokens))
+                     for i in (result["first"], result["second"])}
+            if score[result["first"]] != score[result["second"]]:
+                winner = max(score, key=score.get)
+                verdict = {"kind": "rules", "settles": "ai tie", "scores": score, "ai": ai}
+                settled += 1
+        if winner is None:
+            continue
+        loser = result["second"] if winner == result["first"] else result["first"]
+        pairs.append(make_pair(sample["prompt"], text[winner], text[loser], verdict))
     answers = [v["answer"] for r in results for v in r["verdicts"]]
     metrics = {
         "comparisons": len(results),
         "agreement_across_orders": sum(r["winner"] is not None for r in results) / max(1, len(results)),
         "first_position_rate": answers.count("A") / max(1, sum(a is not None for a in answers)),
-        "unanswered": answers.count(None), "ties": sum(r["winner"] is None for r in results),
+        "unanswered": answers.count(None), "ai_ties": sum(r["winner"] is None for r in results),
+        "pairs_from_ai": len(pairs) - settled, "pairs_from_tie_breaker": settled,
     }
     return pairs, judgements, metrics
+
+
+def by_ai(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
+    model = judge_model(cfg, paths)
+    judge = (OpenAIJudge(model, api_base=cfg.api_base, api_key_env=cfg.api_key_env, concurrency=cfg.judge_batch_size, seed=seed)
+             if cfg.judge_backend == "openai" else LocalJudge(model, cfg.judge_batch_size))
+    return ai_pairs(samples, judge, cfg)
 
 
 def by_rules(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
@@ -177,6 +195,8 @@ JUDGES = {"ai": by_ai, "rules": by_rules, "constitution": by_constitution, "huma
 def run(params: Params) -> None:
     cfg, paths = params.preferences, params.paths
     samples = read_samples(paths.samples)
+    empty = sum(not r["text"].strip() for s in samples for r in s["responses"])
+    samples = [{**s, "responses": [r for r in s["responses"] if r["text"].strip()]} for s in samples]  # a pair needs two texts
     pairs, judgements, judge_metrics = JUDGES[cfg.judge](samples, cfg, paths, params.seed)
     unique = list({p["id"]: p for p in pairs}.values())  # the same two texts twice (e.g. a repeated revision) once
     if not unique:
@@ -189,7 +209,7 @@ def run(params: Params) -> None:
     prompts_by_split = {s: len({p["prompt_id"] for p in unique if p["split"] == s}) for s in ("train", "eval")}
     metrics = {
         "judge": cfg.judge, "prompts": len(samples), "responses": sum(len(s["responses"]) for s in samples),
-        "pairs": len(unique), "train_pairs": split_counts["train"], "eval_pairs": split_counts["eval"],
+        "empty_responses_skipped": empty, "pairs": len(unique), "train_pairs": split_counts["train"], "eval_pairs": split_counts["eval"],
         "train_prompts": prompts_by_split["train"], "eval_prompts": prompts_by_split["eval"],
         "prompts_without_pairs": len(samples) - len({p["prompt_id"] for p in unique}),
         "mean_chosen_chars": sum(len(p["chosen"]) for p in unique) / len(unique),
