@@ -6,10 +6,15 @@ and chat template of the embedded SmolLM2 GGUF, so every stage runs for real in 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -125,3 +130,33 @@ def workdir(tmp_path, monkeypatch, tiny_model_dir):
 def alignflow(stage: str, cwd: Path, params: str = "params.yaml", extra: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `alignflow --params PARAMS STAGE [EXTRA...]` in `cwd`; returns the finished process (not checked)."""
     return sh(["alignflow", "--params", params, stage, *(extra or [])], cwd, check=False)
+
+
+@contextlib.contextmanager
+def openai_server(reply: Callable[[dict], str], seen_keys: list[str] | None = None) -> Iterator[str]:
+    """A minimal OpenAI-compatible chat server on 127.0.0.1 (a vLLM / Ollama stand-in) answering each
+    request body with `reply(body)`; yields its base URL. Authorization headers go to `seen_keys`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if seen_keys is not None:
+                seen_keys.append(self.headers.get("Authorization", ""))
+            data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": reply(body)}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()

@@ -12,7 +12,7 @@ from alignflow.judges import compare_both_orders, is_degenerate, language_of, ru
 from alignflow.refusal import is_refusal
 from alignflow.params import load_params
 from alignflow.stages.preferences import ai_pairs, constitution_pairs
-from conftest import ROOT, alignflow, tiny_params, write_params
+from conftest import ROOT, alignflow, openai_server, tiny_params, write_params
 
 PROMPT = [{"role": "user", "content": "Name a fruit."}]
 R = [{"id": f"r{i}", "text": t} for i, t in enumerate(["An apple.", "A good pear.", "Stone.", "A plum."])]
@@ -166,6 +166,36 @@ def test_rules_judge_stage(workdir, tiny_model_dir):
     assert metrics["pairs"] == len(pairs) == metrics["train_pairs"] + metrics["eval_pairs"]
     assert metrics["eval_prompts"] == 2 and metrics["judge"] == "rules"
     assert len(read(workdir / "data" / "preferences" / "judgements.jsonl")) == 24  # one per response
+
+
+def judge_reply(body: dict) -> str:
+    """A judge server that reads the responses: the English answer wins, whichever side it is on."""
+    question = body["messages"][-1]["content"]
+    first = question.split("[Response A]\n", 1)[1].split("\n\n[Response B]", 1)[0]
+    second = question.split("[Response B]\n", 1)[1].split("\n\nWhich response", 1)[0]
+    if first.startswith("Apples"):
+        return "A"
+    if second.startswith("Apples"):
+        return "Response B is better."
+    return "Neither."  # no A or B: no answer, so a tie
+
+
+def test_ai_judge_through_an_openai_compatible_server(workdir, tiny_model_dir):
+    samples_file(workdir / "data" / "preferences" / "samples.jsonl", n_prompts=3)
+    with openai_server(judge_reply) as url:
+        write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="ai", preferences__judge_backend="openai",
+                                          preferences__api_base=url, preferences__judge_model="served-judge",
+                                          preferences__tie_breaker=None))
+        result = alignflow("preferences", workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pairs = read(workdir / "data" / "preferences" / "pairs.jsonl")
+    assert len(pairs) == 9 and all(p["chosen"].startswith("Apples") for p in pairs)  # 3 wins per prompt, the rest ties
+    assert pairs[0]["judge"]["model"] == {"backend": "openai", "model": "served-judge", "api_base": url,
+                                          "decision": "first A or B in a greedy reply"}
+    assert [v["answer"] for v in pairs[0]["judge"]["verdicts"]] in (["A", "B"], ["B", "A"])
+    metrics = json.loads((workdir / "metrics" / "preferences.json").read_text())
+    assert metrics["comparisons"] == 18 and metrics["agreement_across_orders"] == 0.5
+    assert metrics["unanswered"] == 18  # the 9 comparisons without the English answer, both orders
 
 
 def test_human_judge_majority_and_bad_rankings(workdir, tiny_model_dir):

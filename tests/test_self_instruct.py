@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import yaml
@@ -13,7 +11,7 @@ from alignflow.io import InputError
 from alignflow.params import load_params
 from alignflow.stages import self_instruct
 from alignflow.stages.self_instruct import parse_instance, parse_instructions, parse_yes_no, read_seed_tasks
-from conftest import ROOT, SHARED_SEEDS, alignflow, tiny_params, write_params
+from conftest import ROOT, SHARED_SEEDS, alignflow, openai_server, tiny_params, write_params
 
 GOOD = {"id": "t1", "name": "t", "instruction": "Say hi.", "instances": [{"input": "", "output": "Hi"}], "is_classification": False}
 
@@ -107,44 +105,24 @@ def test_transformers_backend_on_tiny_model_with_provenance(workdir, tiny_model_
     assert max(r["provenance"]["round"] for r in records) >= 1
 
 
-class FakeOpenAI(BaseHTTPRequestHandler):
-    """A minimal OpenAI-compatible chat server on 127.0.0.1 (vLLM / Ollama stand-in)."""
+def self_instruct_reply(body: dict, counter=[0]) -> str:  # noqa: B006 (a call counter)
+    prompt = body["messages"][-1]["content"]
+    counter[0] += 1
+    n = counter[0]
+    if prompt.startswith("Come up with a series of tasks"):
+        return f"9. Name {n} animals that live in the sea.\n10. 写一首关于第{n}个秋天的短诗。"
+    if prompt.startswith("Can the following task"):
+        return "No"
+    return f" <noinput>\nOutput: answer {n}"
 
-    seen_keys: list[str] = []
-    counter = 0
 
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeOpenAI.seen_keys.append(self.headers.get("Authorization", ""))
-        prompt = body["messages"][-1]["content"]
-        FakeOpenAI.counter += 1
-        n = FakeOpenAI.counter
-        if prompt.startswith("Come up with a series of tasks"):
-            reply = f"9. Name {n} animals that live in the sea.\n10. 写一首关于第{n}个秋天的短诗。"
-        elif prompt.startswith("Can the following task"):
-            reply = "No"
-        else:
-            reply = f" <noinput>\nOutput: answer {n}"
-        data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+SEEN_KEYS: list[str] = []
 
 
 @pytest.fixture
 def fake_server():
-    server = HTTPServer(("127.0.0.1", 0), FakeOpenAI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/v1"
-    server.shutdown()
+    with openai_server(self_instruct_reply, SEEN_KEYS) as url:
+        yield url
 
 
 def test_openai_backend_reads_key_from_env_and_never_writes_it(workdir, tiny_model_dir, fake_server, monkeypatch):
@@ -156,7 +134,7 @@ def test_openai_backend_reads_key_from_env_and_never_writes_it(workdir, tiny_mod
     assert len(records) == 6
     assert records[0]["output"].startswith("answer") and records[0]["input"] == ""
     assert records[0]["provenance"]["generator"]["backend"] == "openai"
-    assert FakeOpenAI.seen_keys and all(k == f"Bearer {secret}" for k in FakeOpenAI.seen_keys)
+    assert SEEN_KEYS and all(k == f"Bearer {secret}" for k in SEEN_KEYS)
     for path in workdir.rglob("*"):
         if path.is_file() and "models" not in path.parts:
             assert secret not in path.read_text(errors="ignore"), path

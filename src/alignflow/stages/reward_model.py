@@ -109,7 +109,7 @@ def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, device
         center_rewards_coefficient=cfg.center_rewards_coefficient or None,
         eval_strategy="epoch", logging_steps=1, save_strategy="no", report_to="none", seed=params.seed,
         data_seed=params.seed, use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
     )
     peft_config = None
     if cfg.method == "lora":

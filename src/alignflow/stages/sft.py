@@ -140,7 +140,7 @@ def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, run_di
         report_to="none", seed=params.seed, data_seed=params.seed, use_cpu=device == "cpu", bf16=device == "cuda",
         dataloader_num_workers=0, completion_only_loss=True,
         # TRL turns this on by default; it drops the past key values that prefix tuning feeds the model
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
     )
     live = Live(dir=str(Path(params.paths.dvclive) / "sft"), dvcyaml=False, save_dvc_exp=False, resume=False)
     return AlignflowSFTTrainer(
