@@ -74,6 +74,9 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     # length band is what ranks them (the AI judge, with total position bias, would give only ties)
     params["preferences"].update(judge="rules", rules_min_tokens=1, rules_max_tokens=16, revision_max_new_tokens=24)
     params["reward_model"].update(epochs=1, batch_size=4, max_length=256)
+    params["ppo"].update(iterations=2, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=8)
+    params["dpo"].update(epochs=1, batch_size=4, max_length=256)
+    params["orpo"].update(epochs=1, batch_size=4, max_length=256)
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         params[section][key] = value

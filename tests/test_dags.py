@@ -37,10 +37,10 @@ def test_stages_commands_inputs_outputs_agree(tiny_repo):
 
 def test_dag_edges_agree(tiny_repo):
     dot = sh(["dvc", "dag", "--dot"], tiny_repo).stdout
-    dvc_edges = set(re.findall(r'"(\w+)" -> "(\w+)"', dot))
+    dvc_edges = set(re.findall(r'"([\w@]+)" -> "([\w@]+)"', dot))
 
     graph = sh(["snakemake", "--rulegraph"], tiny_repo).stdout
-    names = dict(re.findall(r'(\d+)\[label = "(\w+)"', graph))
+    names = dict(re.findall(r'(\d+)\[label = "([\w@]+)"', graph))
     snake_edges = {(names[a], names[b]) for a, b in re.findall(r"(\d+) -> (\d+)", graph)}
     snake_edges = {e for e in snake_edges if "all" not in e}
     assert dvc_edges == snake_edges == {("base_model", "self_instruct"), ("base_model", "format"),
@@ -48,7 +48,9 @@ def test_dag_edges_agree(tiny_repo):
                                         ("base_model", "sft"), ("format", "sft"),
                                         ("base_model", "samples"), ("format", "samples"), ("sft", "samples"),
                                         ("base_model", "preferences"), ("samples", "preferences"),
-                                        ("base_model", "reward_model"), ("sft", "reward_model"), ("preferences", "reward_model")}
+                                        ("base_model", "reward_model"), ("sft", "reward_model"), ("preferences", "reward_model"),
+                                        *{(up, f"align@{m}") for up in ("base_model", "sft", "preferences", "reward_model")
+                                          for m in ("ppo", "dpo", "orpo")}}
 
 
 def test_a_drifted_snakemake_rule_is_caught(tiny_repo):

@@ -28,7 +28,7 @@ OUTPUTS = [
 
 
 DATA_STAGES = ("base_model", "self_instruct", "filter", "format", "samples", "preferences")
-TRAINING_STAGES = ("sft", "reward_model")
+TRAINING_STAGES = ("sft", "reward_model", "ppo", "dpo", "orpo")
 
 
 def digests(repo):
@@ -43,7 +43,7 @@ def snakemake_jobs(repo) -> dict[str, int]:
     if "Nothing to be done" in text:
         return {}
     table = text.split("Job stats:", 1)[1]
-    return {name: int(n) for name, n in re.findall(r"^(\w+)\s+(\d+)$", table, re.M) if name not in ("total", "all")}
+    return {name: int(n) for name, n in re.findall(r"^([\w@]+)\s+(\d+)$", table, re.M) if name not in ("total", "all")}
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +81,13 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
     rm = json.loads((via_dvc / "metrics/reward_model.json").read_text())
     assert {"eval_accuracy", "eval_baseline_longer_accuracy", "eval_baseline_random_accuracy"} <= rm.keys()
     assert (via_dvc / "models/reward/model.safetensors").is_file()
+    for method in ("ppo", "dpo", "orpo"):
+        aligned = json.loads((via_dvc / f"metrics/{method}.json").read_text())
+        assert aligned["wall_seconds"] > 0 and aligned["peak_memory_mb"] > 0 and aligned["model_copies"] >= 1
+        assert (via_dvc / f"models/aligned/{method}/model.safetensors").is_file()
 
 
-DOWNSTREAM_OF_FORMAT = ("sft", "samples", "preferences", "reward_model")
+DOWNSTREAM_OF_FORMAT = ("sft", "samples", "preferences", "reward_model", "align@ppo", "align@dpo", "align@orpo")
 
 
 def change_param(repo, section, key, value):
@@ -97,7 +101,7 @@ def test_param_change_reruns_only_dependants(pipelines):
     for repo in pipelines:
         change_param(repo, "filter", "rouge_threshold", 0.5)
 
-    ran = set(re.findall(r"Running stage '(\w+)'", sh(["dvc", "repro"], via_dvc).stdout))
+    ran = set(re.findall(r"Running stage '([\w@]+)'", sh(["dvc", "repro"], via_dvc).stdout))
     # DVC reruns format only if filter's output changed; nothing upstream of filter reruns
     assert "filter" in ran and ran <= {"filter", "format", *DOWNSTREAM_OF_FORMAT}
     # Snakemake's params trigger works from its own records of the run that made the outputs
@@ -106,3 +110,12 @@ def test_param_change_reruns_only_dependants(pipelines):
     assert digests(via_dvc) == digests(via_snakemake)
     for repo in pipelines:
         assert "up to date" in sh(["dvc", "status"], repo).stdout
+
+
+def test_dpo_beta_reruns_dpo_only(pipelines):
+    via_dvc, via_snakemake = pipelines
+    for repo in pipelines:
+        change_param(repo, "dpo", "beta", 0.3)
+    assert set(re.findall(r"Running stage '([\w@]+)'", sh(["dvc", "repro"], via_dvc).stdout)) == {"align@dpo"}
+    assert snakemake_jobs(via_snakemake) == {"align@dpo": 1}
+    assert json.loads((via_dvc / "metrics/dpo.json").read_text())["beta"] == 0.3

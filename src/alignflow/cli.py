@@ -30,6 +30,9 @@ STAGES = {
     "samples": "sample K responses per held-out prompt from the SFT model",
     "preferences": "rank the samples with a judge (ai, rules, constitution, human) into preference pairs",
     "reward_model": "train a Bradley-Terry reward model on the pairs (TRL RewardTrainer)",
+    "ppo": "RLHF: PPO against the reward model (our trainer)",
+    "dpo": "Direct Preference Optimization from the SFT model (TRL DPOTrainer)",
+    "orpo": "ORPO from the base model (trl.experimental.orpo)",
 }
 
 

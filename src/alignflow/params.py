@@ -51,6 +51,7 @@ class PathParams:
     judgements: str
     pairs: str
     reward_model: str
+    aligned: str
     plots: str
     checkpoints: str
     dvclive: str
@@ -164,6 +165,63 @@ class RewardModelParams:
 
 
 @dataclass(frozen=True)
+class AlignmentParams:
+    methods: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PpoParams:
+    method: str
+    iterations: int
+    batch_size: int
+    minibatch_size: int
+    ppo_epochs: int
+    learning_rate: float
+    max_new_tokens: int
+    temperature: float
+    kl_coef: float
+    adaptive_kl: bool
+    target_kl: float
+    gamma: float
+    lam: float
+    clip_range: float
+    clip_range_value: float
+    value_coef: float
+    stop_kl: float | None
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PreferenceTrainingParams:
+    """What the dpo and orpo sections share."""
+
+    method: str
+    epochs: float
+    learning_rate: float
+    warmup_ratio: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    max_length: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DpoParams(PreferenceTrainingParams):
+    beta: float
+
+
+@dataclass(frozen=True)
+class OrpoParams(PreferenceTrainingParams):
+    lam: float
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     model: ModelParams
@@ -175,6 +233,10 @@ class Params:
     samples: SamplesParams
     preferences: PreferencesParams
     reward_model: RewardModelParams
+    alignment: AlignmentParams
+    ppo: PpoParams
+    dpo: DpoParams
+    orpo: OrpoParams
 
 
 def schema_path(params_file: Path) -> Path:

@@ -1,0 +1,132 @@
+"""What the three alignment stages (ppo, dpo, orpo) share: the pairs as TRL preference datasets, the policy
+they start from, their training arguments, and how they time, measure and save a run.
+
+Each stage writes `<paths.aligned>/<method>/`: a plain causal-LM checkpoint (LoRA merged in) with the
+tokenizer and `alignflow_model.json`, so `AutoModelForCausalLM.from_pretrained` loads it; and
+`<paths.metrics>/<method>.json` with wall time, peak memory and the number of model copies held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignflow.io import InputError, atomic_path, dump_json, read_jsonl
+from alignflow.models import Source, load_for_inference, load_tokenizer, pick_device_dtype
+from alignflow.params import Params
+
+
+@dataclass
+class PreferenceSplit:
+    prompts: list[list[dict[str, str]]]
+    chosen: list[str]
+    rejected: list[str]
+
+    @property
+    def dataset(self):
+        """TRL's conversational preference format: prompt messages, chosen / rejected assistant turns."""
+        from datasets import Dataset
+
+        return Dataset.from_list([{"prompt": p, "chosen": [{"role": "assistant", "content": c}],
+                                   "rejected": [{"role": "assistant", "content": r}]}
+                                  for p, c, r in zip(self.prompts, self.chosen, self.rejected)])
+
+
+def load_preference_splits(path: str) -> tuple[PreferenceSplit, PreferenceSplit]:
+    splits = {"train": PreferenceSplit([], [], []), "eval": PreferenceSplit([], [], [])}
+    for line, pair in read_jsonl(path, {"prompt": list, "chosen": str, "rejected": str, "split": str}):
+        if pair["split"] not in splits:
+            raise InputError(f"{path}:{line}: field 'split': expected 'train' or 'eval', got {pair['split']!r}")
+        split = splits[pair["split"]]
+        split.prompts.append(pair["prompt"])
+        split.chosen.append(pair["chosen"])
+        split.rejected.append(pair["rejected"])
+    for name, split in splits.items():
+        if not split.prompts:
+            raise InputError(f"{path}: no {name} pairs; the alignment stages train on 'train' and measure on 'eval'")
+    return splits["train"], splits["eval"]
+
+
+def peft_lora(cfg: Any):
+    if cfg.method != "lora":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+
+
+def training_args(params: Params, method: str, cfg: Any, device: str) -> dict[str, Any]:
+    """The TrainingArguments the TRL-based stages share (batch, schedule, seed, device, logging)."""
+    return dict(
+        output_dir=str(Path(params.paths.checkpoints) / method), num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_ratio, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, eval_strategy="epoch", logging_steps=1,
+        save_strategy="no", report_to="none", seed=params.seed, data_seed=params.seed, use_cpu=device == "cpu",
+        bf16=device == "cuda", dataloader_num_workers=0, activation_checkpointing=False,
+    )
+
+
+class AlignmentRun:
+    """One alignment stage's run: device, the starting model, curves, timing and the saved result."""
+
+    def __init__(self, params: Params, method: str, start_from: str):
+        self.params, self.method, self.start_from = params, method, start_from
+        self.device, self.dtype = pick_device_dtype()
+        self.wall = 0.0
+        torch.manual_seed(params.seed)
+
+    def load_policy(self):
+        """The starting model as a plain causal LM (an SFT LoRA adapter merged in), and its tokenizer."""
+        tokenizer = load_tokenizer(Source(self.start_from))
+        if tokenizer.chat_template is None:
+            raise InputError(f"{self.start_from}: the tokenizer has no chat template; the pairs are rendered with it")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return load_for_inference(self.start_from, dtype=self.dtype).to(self.device), tokenizer
+
+    def live_callback(self):
+        from dvclive import Live
+        from transformers.integrations import DVCLiveCallback
+
+        live = Live(dir=str(Path(self.params.paths.dvclive) / self.method), dvcyaml=False, save_dvc_exp=False, resume=False)
+        return DVCLiveCallback(live=live)
+
+    @contextlib.contextmanager
+    def reference(self, trainer):
+        """The frozen reference: the policy with its adapter disabled (LoRA), or the trainer's copy (full)."""
+        model = trainer.model
+        if hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                yield model
+        else:
+            yield trainer.ref_model
+
+    def train(self, trainer):
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        result = trainer.train()
+        self.wall = time.perf_counter() - started
+        return result
+
+    def save(self, model, tokenizer, metrics: dict[str, Any]) -> None:
+        paths = self.params.paths
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        peak_mb = (torch.cuda.max_memory_allocated() if self.device == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+        metrics = {"method": self.method, **metrics, "wall_seconds": self.wall, "peak_memory_mb": peak_mb,
+                   "peak_memory_kind": "cuda_allocated" if self.device == "cuda" else "process_max_rss", "device": self.device}
+        with (atomic_path(Path(paths.aligned) / self.method) as tmp,
+              atomic_path(Path(paths.metrics) / f"{self.method}.json") as tmp_metrics):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            dump_json({"kind": "full", "method": self.method, "start": self.start_from}, tmp / "alignflow_model.json")
+            dump_json(metrics, tmp_metrics)

@@ -1,0 +1,69 @@
+"""The ppo / dpo / orpo stages through `alignflow`: the PPO stage end to end on the tiny model, and bad input
+stopped with a clear message before any training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import alignflow, tiny_params, write_params
+from test_reward_model import marker_pairs
+
+
+@pytest.fixture
+def aligned_workdir(workdir, tiny_model_dir):
+    """The tiny model as the SFT model and as a reward model; marker pairs."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    shutil.copytree(tiny_model_dir, workdir / "models" / "sft")
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.save_pretrained(workdir / "models" / "reward")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(workdir / "models" / "reward")
+    pairs = workdir / "data" / "preferences" / "pairs.jsonl"
+    pairs.parent.mkdir(parents=True)
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in marker_pairs(6, 2, seed=5)))
+    return workdir
+
+
+def test_ppo_stage_writes_a_loadable_policy_metrics_and_curves(aligned_workdir, tiny_model_dir):
+    write_params(aligned_workdir, tiny_params(tiny_model_dir))
+    result = alignflow("ppo", aligned_workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((aligned_workdir / "metrics" / "ppo.json").read_text())
+    assert metrics["iterations"] == 2 and metrics["model_copies"] == 3 and metrics["wall_seconds"] > 0
+    assert {"eval_reward_before", "eval_reward", "final_kl", "peak_memory_mb"} <= metrics.keys()
+    curves = (aligned_workdir / "dvclive" / "ppo" / "plots" / "metrics")
+    for name in ("reward", "kl", "entropy", "clip_fraction", "value_loss", "approx_kl", "response_length"):
+        assert len((curves / f"{name}.tsv").read_text().splitlines()) == 3, name  # header + 2 iterations
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(aligned_workdir / "models" / "aligned" / "ppo")
+
+
+@pytest.mark.parametrize("method,change,expected", [
+    ("ppo", {"ppo": {"batch_size": 6, "minibatch_size": 4}}, "ppo.batch_size=6 does not divide into minibatches"),
+    ("ppo", {"remove": "models/reward"}, "no reward model; PPO needs one"),
+    ("dpo", {"dpo": {"beta": 0.0}}, "dpo.beta: 0.0 is less than or equal to the minimum of 0"),
+    ("dpo", {"no_eval": True}, "no eval pairs"),
+    ("orpo", {"no_eval": True}, "no eval pairs"),
+])
+def test_bad_input_stops_before_training(method, change, expected, aligned_workdir, tiny_model_dir):
+    params = tiny_params(tiny_model_dir)
+    for section, values in change.items():
+        if section in params:
+            params[section].update(values)
+    if "remove" in change:
+        shutil.rmtree(aligned_workdir / change["remove"])
+    if change.get("no_eval"):
+        pairs = aligned_workdir / "data" / "preferences" / "pairs.jsonl"
+        rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+        pairs.write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in rows))
+    write_params(aligned_workdir, params)
+    result = alignflow(method, aligned_workdir)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+    assert not (aligned_workdir / "models" / "aligned" / method).exists()
+    assert not (aligned_workdir / "dvclive" / method).exists()  # no trainer was even built
