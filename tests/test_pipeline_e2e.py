@@ -117,5 +117,6 @@ def test_dpo_beta_reruns_dpo_only(pipelines):
     for repo in pipelines:
         change_param(repo, "dpo", "beta", 0.3)
     assert set(re.findall(r"Running stage '([\w@]+)'", sh(["dvc", "repro"], via_dvc).stdout)) == {"align@dpo"}
-    assert snakemake_jobs(via_snakemake) == {"align@dpo": 1}
+    jobs = snakemake_jobs(via_snakemake)
+    assert jobs == {"align@dpo": 1}, sh(["snakemake", "-c", "2", "-n"], via_snakemake).stdout[-6000:]
     assert json.loads((via_dvc / "metrics/dpo.json").read_text())["beta"] == 0.3

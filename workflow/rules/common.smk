@@ -1,5 +1,6 @@
 # Helpers for pipeline.smk: read the resolved stages of dvc.yaml, and record a run in DVC.
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -44,7 +45,17 @@ def all_outputs():
 
 
 def record_in_dvc(workflow):
-    """`dvc commit` the stages of this run's DAG: after a successful run they are all up to date."""
-    ran = sorted({job.rule.name for job in workflow.dag.jobs} & {s.name for s in dvc_stages()})
-    if ran:
-        subprocess.run(["dvc", "commit", "--force", "--quiet", *ran], check=True)
+    """`dvc commit` the stages of this run's DAG: after a successful run they are all up to date.
+
+    When an output's content is already in the DVC cache (a rerun that produced the same bytes), the
+    commit links the file to that older cache copy and its mtime goes back in time, older than outputs
+    made from it, and Snakemake would then call them outdated. So the outputs' mtimes are put back."""
+    jobs = list(workflow.dag.jobs)
+    ran = sorted({job.rule.name for job in jobs} & {s.name for s in dvc_stages()})
+    if not ran:
+        return
+    files = {Path(f) for job in jobs for f in job.output if Path(f).is_file()}
+    mtimes = {path: path.stat().st_mtime_ns for path in files}
+    subprocess.run(["dvc", "commit", "--force", "--quiet", *ran], check=True)
+    for path, mtime in mtimes.items():
+        os.utime(path, ns=(mtime, mtime))
