@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from pathlib import Path
 
 import torch
 
 from alignflow.alignment import AlignmentRun, load_preference_splits
 from alignflow.io import InputError
+from alignflow.models import Source, load_tokenizer
 from alignflow.params import Params
 from alignflow.reward import conversation_ids, score
 
@@ -70,8 +72,6 @@ def run(params: Params) -> None:
         ref_model = align.load_policy()[0].requires_grad_(False)
     reward_model = AutoModelForSequenceClassification.from_pretrained(paths.reward_model).to(align.device).requires_grad_(False).eval()
     value_model = AutoModelForSequenceClassification.from_pretrained(paths.reward_model).to(align.device)
-    from alignflow.models import Source, load_tokenizer
-
     rm_tokenizer = load_tokenizer(Source(paths.reward_model))
 
     def prompt_ids(messages):
@@ -107,8 +107,6 @@ def run(params: Params) -> None:
     pool: list[list[int]] = []
     history = []
     with Live(dir=str(Path(paths.dvclive) / "ppo"), dvcyaml=False, save_dvc_exp=False, resume=False) as live:
-        import time
-
         started = time.perf_counter()
         for iteration in tqdm(range(cfg.iterations), desc="ppo", unit="iteration"):
             while len(pool) < cfg.batch_size:  # cycle through the train prompts, reshuffled each pass

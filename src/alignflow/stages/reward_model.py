@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from alignflow.io import InputError, atomic_path, dump_json, read_jsonl
+from alignflow.alignment import load_preference_splits
+from alignflow.io import InputError, atomic_path, dump_json
 from alignflow.models import Source, load_tokenizer, pick_device_dtype
 from alignflow.params import Params
 from alignflow.reward import conversation_ids, from_causal_lm, score
@@ -40,16 +41,13 @@ def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[dict[str, An
     """(train, eval, dropped): tokenised pairs; pairs longer than max_length are dropped and counted."""
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
     dropped = 0
-    for line, pair in read_jsonl(path, {"prompt": list, "chosen": str, "rejected": str, "split": str}):
-        if pair["split"] not in splits:
-            raise InputError(f"{path}:{line}: field 'split': expected 'train' or 'eval', got {pair['split']!r}")
-        chosen = conversation_ids(tokenizer, pair["prompt"], pair["chosen"])
-        rejected = conversation_ids(tokenizer, pair["prompt"], pair["rejected"])
-        if max(len(chosen), len(rejected)) > max_length:
-            dropped += 1
-            continue
-        splits[pair["split"]].append({"chosen_ids": chosen, "rejected_ids": rejected,
-                                      "chosen_chars": len(pair["chosen"]), "rejected_chars": len(pair["rejected"])})
+    for name, split in zip(splits, load_preference_splits(path)):
+        for prompt, good, bad in zip(split.prompts, split.chosen, split.rejected):
+            chosen, rejected = conversation_ids(tokenizer, prompt, good), conversation_ids(tokenizer, prompt, bad)
+            if max(len(chosen), len(rejected)) > max_length:
+                dropped += 1
+                continue
+            splits[name].append({"chosen_ids": chosen, "rejected_ids": rejected, "chosen_chars": len(good), "rejected_chars": len(bad)})
     for name, rows in splits.items():
         if not rows:
             raise InputError(f"{path}: no {name} pairs of at most reward_model.max_length={max_length} tokens")
