@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PPOConfig:
-    iterations: int = 20              # rollout + optimisation rounds
     batch_size: int = 8               # prompts (= responses) per rollout
     minibatch_size: int = 4           # responses per gradient step; must divide batch_size
     ppo_epochs: int = 4               # passes over each rollout

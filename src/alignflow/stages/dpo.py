@@ -16,7 +16,6 @@ implicit rewards beta * (log pi - log ref), their accuracy and margin, the DPO l
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from alignflow.params import Params
 from alignflow.alignment import AlignmentRun, load_preference_splits, peft_lora, training_args

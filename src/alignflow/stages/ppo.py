@@ -86,7 +86,7 @@ def run(params: Params) -> None:
         return torch.tensor(score(reward_model, rm_tokenizer, ids))
 
     ppo_config = PPOConfig(
-        iterations=cfg.iterations, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size, ppo_epochs=cfg.ppo_epochs,
+        batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size, ppo_epochs=cfg.ppo_epochs,
         learning_rate=cfg.learning_rate, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, kl_coef=cfg.kl_coef,
         adaptive_kl=cfg.adaptive_kl, target_kl=cfg.target_kl, gamma=cfg.gamma, lam=cfg.lam, clip_range=cfg.clip_range,
         clip_range_value=cfg.clip_range_value, value_coef=cfg.value_coef, stop_kl=cfg.stop_kl, seed=params.seed)
