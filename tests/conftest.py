@@ -23,8 +23,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SEEDS = ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 VENV_BIN = str(Path(sys.executable).parent)
-PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "src", "data/seeds", "data/prompts", "data/annotations",
-                 ".dvcignore"]
+PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "src", "data/seeds", "data/prompts", "data/annotations", "data/eval",
+                 ".dvcignore", ".gitignore"]
 
 
 def env() -> dict[str, str]:
@@ -77,6 +77,7 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     params["ppo"].update(iterations=2, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=8)
     params["dpo"].update(epochs=1, batch_size=4, max_length=256)
     params["orpo"].update(epochs=1, batch_size=4, max_length=256)
+    params["evaluate"].update(max_new_tokens=8)
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         params[section][key] = value

@@ -11,14 +11,26 @@ from dvc.dependency.param import ParamsDependency
 from conftest import ROOT, sh
 
 
+def dvc_inputs(stage, stages):
+    """A stage's file deps as DVC links them: a directory holding other stages' outputs stands for them."""
+    outs = [str(o.def_path) for other in stages if other is not stage for o in other.outs]
+    inputs = set()
+    for dep in stage.deps:
+        if not isinstance(dep, ParamsDependency):
+            path = str(dep.def_path)
+            inputs.update([o for o in outs if o.startswith(path + "/")] or [path])
+    return sorted(inputs)
+
+
 def dvc_view(repo_dir):
     with dvc.repo.Repo(str(repo_dir)) as repo:
         stages = {}
-        for st in repo.index.stages:
+        all_stages = list(repo.index.stages)
+        for st in all_stages:
             outs = sorted(str(o.def_path) for o in st.outs)
             stages[st.name] = {
                 "cmd": st.cmd,
-                "input": sorted(str(d.def_path) for d in st.deps if not isinstance(d, ParamsDependency)),
+                "input": dvc_inputs(st, all_stages),
                 "output": [o for o in outs if not o.startswith("logs/")],
                 "log": [o for o in outs if o.startswith("logs/")],
             }
@@ -33,6 +45,10 @@ def snakemake_view(repo_dir):
 
 def test_stages_commands_inputs_outputs_agree(tiny_repo):
     assert snakemake_view(tiny_repo) == dvc_view(tiny_repo)
+
+
+METHODS = ("ppo", "dpo", "orpo")
+MODELS = ("base", "sft", *METHODS)
 
 
 def test_dag_edges_agree(tiny_repo):
@@ -50,7 +66,15 @@ def test_dag_edges_agree(tiny_repo):
                                         ("base_model", "preferences"), ("samples", "preferences"),
                                         ("base_model", "reward_model"), ("sft", "reward_model"), ("preferences", "reward_model"),
                                         *{(up, f"align@{m}") for up in ("base_model", "sft", "preferences", "reward_model")
-                                          for m in ("ppo", "dpo", "orpo")}}
+                                          for m in METHODS},
+                                        *{(up, f"evaluate@{m}") for up in ("format", "sft", "reward_model") for m in MODELS},
+                                        ("base_model", "evaluate@base"),
+                                        *{(f"align@{m}", f"evaluate@{m}") for m in METHODS},
+                                        ("base_model", "compare"), *{(f"evaluate@{m}", "compare") for m in MODELS},
+                                        *{(up, "report") for up in ("self_instruct", "filter", "format", "sft", "samples",
+                                                                    "preferences", "reward_model", "compare")},
+                                        *{(f"align@{m}", "report") for m in METHODS},
+                                        *{(f"evaluate@{m}", "report") for m in MODELS}}
 
 
 def test_a_drifted_snakemake_rule_is_caught(tiny_repo):

@@ -2,7 +2,9 @@
 
 - `dvc repro` and `snakemake -c 2` give byte-identical outputs (so the same params give the same data twice);
 - after either, the other driver has nothing to do (`dvc status` clean, `snakemake -n` empty);
-- changing one stage's param reruns that stage and its dependants only.
+- changing one stage's param reruns that stage and its dependants only;
+- the report's numbers are the metrics' numbers, and the README's experiment commands work as written
+  (`dvc exp run -S`, `dvc exp show`, `dvc exp branch`, `dvc metrics diff`, `dvc plots diff`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ OUTPUTS = [
 
 DATA_STAGES = ("base_model", "self_instruct", "filter", "format", "samples", "preferences")
 TRAINING_STAGES = ("sft", "reward_model", "ppo", "dpo", "orpo")
+MODELS = ("base", "sft", "ppo", "dpo", "orpo")
 
 
 def digests(repo):
@@ -66,7 +69,7 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
         assert "up to date" in sh(["dvc", "status"], repo).stdout
         assert snakemake_jobs(repo) == {}
         assert "didn't change, skipping" in sh(["dvc", "repro"], repo).stdout
-        for stage in (*DATA_STAGES, *TRAINING_STAGES):
+        for stage in (*DATA_STAGES, *TRAINING_STAGES, *(f"evaluate/{m}" for m in MODELS), "compare", "report"):
             assert (repo / "logs" / f"{stage}.log").stat().st_size > 0
     # the same lock: Snakemake's onsuccess recorded exactly what dvc repro recorded
     def lock(repo):  # the data stages' outs must be recorded identically (logs carry timestamps)
@@ -85,9 +88,18 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
         aligned = json.loads((via_dvc / f"metrics/{method}.json").read_text())
         assert aligned["wall_seconds"] > 0 and aligned["peak_memory_mb"] > 0 and aligned["model_copies"] >= 1
         assert (via_dvc / f"models/aligned/{method}/model.safetensors").is_file()
+    summary = json.loads((via_dvc / "metrics/evaluation.json").read_text())
+    assert set(summary["models"]) == set(MODELS) and summary["reference"] == "sft"
+    report = (via_dvc / "reports/report.md").read_text()
+    for name, m in summary["models"].items():  # every model's row carries the summary's numbers
+        assert f"| {name} | {m['reward_mean']:.3f} ± {m['reward_std']:.3f} |" in report
+    for stage in ("sft", "reward_model", "align@ppo", "align@dpo", "align@orpo"):
+        assert f"stage `{stage}`" in report
+    assert "not in dvc.lock yet" not in report  # dvc repro recorded every upstream stage before the report ran
 
 
-DOWNSTREAM_OF_FORMAT = ("sft", "samples", "preferences", "reward_model", "align@ppo", "align@dpo", "align@orpo")
+DOWNSTREAM_OF_FORMAT = ("sft", "samples", "preferences", "reward_model", "align@ppo", "align@dpo", "align@orpo",
+                        *(f"evaluate@{m}" for m in MODELS), "compare", "report")
 
 
 def change_param(repo, section, key, value):
@@ -116,7 +128,35 @@ def test_dpo_beta_reruns_dpo_only(pipelines):
     via_dvc, via_snakemake = pipelines
     for repo in pipelines:
         change_param(repo, "dpo", "beta", 0.3)
-    assert set(re.findall(r"Running stage '([\w@]+)'", sh(["dvc", "repro"], via_dvc).stdout)) == {"align@dpo"}
+    ran = set(re.findall(r"Running stage '([\w@]+)'", sh(["dvc", "repro"], via_dvc).stdout))
+    assert {"align@dpo", "evaluate@dpo"} <= ran <= {"align@dpo", "evaluate@dpo", "compare", "report"}
     jobs = snakemake_jobs(via_snakemake)
-    assert jobs == {"align@dpo": 1}, sh(["snakemake", "-c", "2", "-n"], via_snakemake).stdout[-6000:]
+    assert jobs == {"align@dpo": 1, "evaluate@dpo": 1, "compare": 1, "report": 1}, sh(["snakemake", "-c", "2", "-n"], via_snakemake).stdout[-6000:]
     assert json.loads((via_dvc / "metrics/dpo.json").read_text())["beta"] == 0.3
+
+
+def test_experiments_as_the_readme_runs_them(pipelines):
+    """README "Experiments": two values of dpo.beta as DVC experiments, compared, one promoted to a branch."""
+    repo = pipelines[0]
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "baseline"], repo)
+    baseline = sh(["git", "rev-parse", "--abbrev-ref", "HEAD"], repo).stdout.strip()
+    baseline_beta = yaml.safe_load((repo / "params.yaml").read_text())["dpo"]["beta"]
+    for beta, name in ((0.05, "dpo-beta-low"), (0.5, "dpo-beta-high")):
+        out = sh(["dvc", "exp", "run", "-S", f"dpo.beta={beta}", "-n", name], repo).stdout
+        # run, or restored from DVC's run cache when these exact deps and params ran before
+        touched = {a or b for a, b in re.findall(r"Running stage '([\w@]+)'|Stage '([\w@]+)' is cached", out)}
+        assert {"align@dpo", "evaluate@dpo"} <= touched <= {"align@dpo", "evaluate@dpo", "compare", "report"}, out[-3000:]
+    shown = sh(["dvc", "exp", "show", "--csv"], repo).stdout
+    rows = {line.split(",")[0]: line for line in shown.splitlines()}
+    assert "dpo-beta-low" in rows and "dpo-beta-high" in rows, shown[:2000]
+
+    sh(["dvc", "exp", "branch", "dpo-beta-high", "dpo-beta-high"], repo)
+    diff = json.loads(sh(["dvc", "metrics", "diff", baseline, "dpo-beta-high", "--json"], repo).stdout)
+    assert diff["metrics/dpo.json"]["beta"] == {"old": baseline_beta, "new": 0.5, "diff": pytest.approx(0.5 - baseline_beta)}
+    assert any(key.startswith("models.dpo.") for key in diff["metrics/evaluation.json"])  # the evaluation moved too
+    assert not any(key.startswith("models.ppo.") for key in diff["metrics/evaluation.json"])  # and only DPO's
+    html = repo / "plots_diff"
+    sh(["dvc", "plots", "diff", baseline, "dpo-beta-high", "-o", str(html)], repo)
+    page = (html / "index.html").read_text()
+    assert "dvclive/dpo/plots/metrics" in page and "dpo-beta-high" in page and baseline in page

@@ -2,6 +2,7 @@
 
     alignflow self_instruct                 # reads ./params.yaml
     alignflow filter --params other.yaml
+    alignflow evaluate dpo                  # the evaluate stage takes the model's name
 
 Each stage logs to `<paths.logs>/<stage>.log` (declared in dvc.yaml, so DVC and Snakemake both know
 it) and to stderr. Bad input (params, seed files, data contracts) ends with one clear message and
@@ -33,6 +34,8 @@ STAGES = {
     "ppo": "RLHF: PPO against the reward model (our trainer)",
     "dpo": "Direct Preference Optimization from the SFT model (TRL DPOTrainer)",
     "orpo": "ORPO from the base model (trl.experimental.orpo)",
+    "compare": "every evaluated model side by side; win rates against the reference model",
+    "report": "write reports/report.md: every model, every metric, lineage, examples",
 }
 
 
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="stage")
     for name, help_text in STAGES.items():
         sub.add_parser(name, help=help_text)
+    evaluate = sub.add_parser("evaluate", help="one model's responses to the held-out prompts: reward, refusals, perplexity, KL")
+    evaluate.add_argument("model", help="a name in evaluate.models of params.yaml (base, sft, ppo, dpo, orpo, ...)")
     imp = sub.add_parser("import-preferences", help="read public preference data into alignflow's pair schema")
     imp.add_argument("input", help="JSONL: prompt/chosen/rejected strings, chosen/rejected message lists, or HH transcripts")
     imp.add_argument("output", help="where to write the pairs (JSONL)")
@@ -65,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"alignflow {args.stage}: {err}", file=sys.stderr)
         return 2
-    _setup_logging(Path(params.paths.logs) / f"{args.stage}.log")
+    log_name = f"evaluate/{args.model}" if args.stage == "evaluate" else args.stage
+    _setup_logging(Path(params.paths.logs) / f"{log_name}.log")
     log = logging.getLogger(f"alignflow.{args.stage}")
     started = time.perf_counter()
     try:
@@ -73,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             from alignflow.pairs import import_file
 
             import_file(args.input, args.output, seed=params.seed, eval_fraction=args.eval_fraction)
+        elif args.stage == "evaluate":
+            from alignflow.stages.evaluate import run
+
+            run(params, args.model)
         else:
             importlib.import_module(f"alignflow.stages.{args.stage}").run(params)
     except (InputError, ContractError, FileNotFoundError) as err:

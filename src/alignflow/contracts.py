@@ -159,6 +159,23 @@ SUITES: dict[str, Suite] = {
         ],
         derived=_prompt_in_both_splits,
     ),
+    "evaluation": Suite(  # one model's responses to the held-out prompts (stages/evaluate.py)
+        columns=lambda r: {
+            "id": r.get("id"), "category": r.get("category"), "lang": r.get("lang"), "harmful": r.get("harmful"),
+            "refused": r.get("refused"), "response": r.get("response"), "reward": r.get("reward"),
+            "response_tokens": r.get("response_tokens"),
+        },
+        expectations=[
+            *_unique_id(),
+            ("ExpectColumnValuesToBeInSet", {"column": "category", "value_set": ["benign", "benign_alarming", "harmful"]}),
+            ("ExpectColumnValuesToBeInSet", {"column": "lang", "value_set": ["en", "zh"]}),
+            *_bool("harmful"),
+            *_bool("refused"),
+            *_text("response", min_length=0),
+            ("ExpectColumnValuesToNotBeNull", {"column": "reward"}),
+            ("ExpectColumnValuesToBeBetween", {"column": "response_tokens", "min_value": 0}),
+        ],
+    ),
 }
 
 

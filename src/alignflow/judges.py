@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from alignflow.io import InputError
 from alignflow.refusal import is_refusal
 from alignflow.rouge import tokenize
 
@@ -121,6 +122,22 @@ class OpenAIJudge:
     def answer(self, questions: list[str]) -> list[tuple[str | None, float | None]]:
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(tqdm(pool.map(self._one, questions), total=len(questions), desc="judge", unit="question", leave=False))
+
+
+def judge_model(cfg, paths) -> str:
+    """The judge's model (params `preferences`): as set, or the base model for a local judge."""
+    if cfg.judge_backend == "openai" and not (cfg.judge_model and cfg.api_base):
+        raise InputError("params.yaml: preferences.judge_model and preferences.api_base: the openai backend needs "
+                         "the served model's name and the server's URL")
+    return cfg.judge_model or paths.base_model
+
+
+def pairwise_judge(cfg, paths, seed: int) -> PairwiseJudge:
+    """The AI judge params `preferences` describe (used by the preferences and compare stages)."""
+    model = judge_model(cfg, paths)
+    if cfg.judge_backend == "openai":
+        return OpenAIJudge(model, api_base=cfg.api_base, api_key_env=cfg.api_key_env, concurrency=cfg.judge_batch_size, seed=seed)
+    return LocalJudge(model, cfg.judge_batch_size)
 
 
 def compare_both_orders(judge: PairwiseJudge, principles: tuple[str, ...],

@@ -52,6 +52,12 @@ class PathParams:
     pairs: str
     reward_model: str
     aligned: str
+    eval_prompts: str
+    heldout_text: str
+    refusal_examples: str
+    evaluation: str
+    verdicts: str
+    report: str
     plots: str
     checkpoints: str
     dvclive: str
@@ -222,6 +228,14 @@ class OrpoParams(PreferenceTrainingParams):
 
 
 @dataclass(frozen=True)
+class EvaluateParams:
+    models: dict[str, str]
+    max_new_tokens: int
+    batch_size: int
+    examples: int
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     model: ModelParams
@@ -237,6 +251,12 @@ class Params:
     ppo: PpoParams
     dpo: DpoParams
     orpo: OrpoParams
+    evaluate: EvaluateParams
+
+    @property
+    def reference_model(self) -> str:
+        """The name in evaluate.models of the SFT model, the reference for KL and win rates (checked on load)."""
+        return next(name for name, path in self.evaluate.models.items() if path == self.paths.sft_model)
 
 
 def schema_path(params_file: Path) -> Path:
@@ -310,7 +330,27 @@ def load_params(params_file: str | Path = "params.yaml") -> Params:
     validate(data, params_file, text)
     sections = {name: kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in data[name].items()})
                 for name, kind in typing.get_type_hints(Params).items() if name != "seed"}
-    return Params(seed=data["seed"], **sections)
+    params = Params(seed=data["seed"], **sections)
+    check_evaluated_models(params, params_file, yaml.compose(text))
+    return params
+
+
+def check_evaluated_models(params: Params, params_file: Path, root: yaml.Node) -> None:
+    """What the schema cannot say: the SFT model, the reference, is evaluated, and an aligned checkpoint is
+    evaluated only when its stage runs (else DVC stops on a missing dependency, far from the cause)."""
+    models, aligned = params.evaluate.models, Path(params.paths.aligned)
+    problems = []
+    if params.paths.sft_model not in models.values():
+        problems.append((["evaluate", "models"], f"no entry is the SFT model {params.paths.sft_model} (paths.sft_model), "
+                                                 "the reference for KL and win rates"))
+    for name, path in models.items():
+        made_by = Path(path).parent == aligned and Path(path).name
+        if made_by and made_by not in params.alignment.methods:
+            problems.append((["evaluate", "models", name], f"{path} is written by align@{made_by}, but alignment.methods "
+                                                          f"({', '.join(params.alignment.methods)}) does not run it"))
+    if problems:
+        lines = [f"{params_file}:{_line_of(root, keys)}: {'.'.join(keys)}: {message}" for keys, message in problems]
+        raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines))
 
 
 def section_fields() -> dict[str, list[str]]:

@@ -23,8 +23,18 @@ def is_directory(path):
     return Path(path).suffix == ""
 
 
-def file_deps(stage):
-    return [str(d.def_path) for d in stage.deps if not isinstance(d, ParamsDependency)]
+def file_deps(stage, stages):
+    """The stage's file deps. A dep that is a directory holding other stages' outputs stands for those
+    outputs, as it does for DVC (compare reads data/evaluation/, where each evaluate@<model> writes)."""
+    outs = [str(o.def_path) for other in stages if other is not stage for o in other.outs]
+    deps = []
+    for dep in stage.deps:
+        if isinstance(dep, ParamsDependency):
+            continue
+        path = str(dep.def_path)
+        inside = [o for o in outs if Path(o).is_relative_to(path) and o != path]
+        deps.extend(inside or [path])
+    return list(dict.fromkeys(deps))
 
 
 def param_values(stage):

@@ -34,7 +34,7 @@ from typing import Any
 
 from alignflow import contracts
 from alignflow.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
-from alignflow.judges import (LocalJudge, OpenAIJudge, compare_both_orders, critique_prompt, request_text,
+from alignflow.judges import (compare_both_orders, critique_prompt, judge_model, pairwise_judge, request_text,
                               revision_prompt, rule_checks, rule_score)
 from alignflow.pairs import assign_splits, make_pair, ranking_to_pairs
 from alignflow.params import Params, PathParams, PreferencesParams
@@ -44,13 +44,6 @@ log = logging.getLogger(__name__)
 
 def read_samples(path: str) -> list[dict[str, Any]]:
     return [record for _, record in read_jsonl(path, {"prompt_id": str, "prompt": list, "harmful": bool, "responses": list})]
-
-
-def judge_model(cfg: PreferencesParams, paths: PathParams) -> str:
-    if cfg.judge_backend == "openai" and not (cfg.judge_model and cfg.api_base):
-        raise InputError("params.yaml: preferences.judge_model and preferences.api_base: the openai backend needs "
-                         "the served model's name and the server's URL")
-    return cfg.judge_model or paths.base_model
 
 
 # --- the four judges: samples -> (pairs, judgements, metrics) ---
@@ -96,10 +89,7 @@ def ai_pairs(samples, judge, cfg: PreferencesParams):
 
 
 def by_ai(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
-    model = judge_model(cfg, paths)
-    judge = (OpenAIJudge(model, api_base=cfg.api_base, api_key_env=cfg.api_key_env, concurrency=cfg.judge_batch_size, seed=seed)
-             if cfg.judge_backend == "openai" else LocalJudge(model, cfg.judge_batch_size))
-    return ai_pairs(samples, judge, cfg)
+    return ai_pairs(samples, pairwise_judge(cfg, paths, seed), cfg)
 
 
 def by_rules(samples, cfg: PreferencesParams, paths: PathParams, seed: int):

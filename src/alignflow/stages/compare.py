@@ -1,0 +1,196 @@
+"""Stage `compare`: every evaluated model side by side, and win rates against the reference model.
+
+    alignflow compare                   # reads params.yaml: seed, evaluate, preferences, paths
+
+Reads:  `<paths.evaluation>/<model>.jsonl` and `<paths.metrics>/evaluate/<model>.json` for each model of
+        `evaluate.models` (the evaluate@<model> stages); `paths.refusal_examples`.
+Writes: `<paths.metrics>/evaluation.json` (the summary: one entry per model, DVC metrics), `paths.verdicts`
+        (every comparison and how it was decided), and under `<paths.plots>/evaluation/`: win_rates.json,
+        refusal.json, rewards.json (dvc plots) and win_rates.png, rewards.png, refusal.png (the report's figures).
+
+Win rates: each model's response to a prompt against the reference's (`evaluate.reference`, the SFT model by
+default), judged by the preference stage's judge (`preferences.judge`):
+  ai            asked in both orders; a preference that does not survive the swap is a tie, which
+                `preferences.tie_breaker: rules` settles as in the preference stage; constitution uses the same judge
+  rules         the higher rules score wins, an equal score is a tie (the order cannot matter)
+  human         people's A/B answers are not wired in yet; the rules judge stands in and the summary says so
+Identical responses are a tie without asking. Ties are counted apart: win + tie + loss = 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from alignflow.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
+from alignflow.judges import compare_both_orders, pairwise_judge, rule_checks, rule_score
+from alignflow.params import Params
+from alignflow.refusal import is_refusal
+
+log = logging.getLogger(__name__)
+
+
+def win_rates(outcomes: list[str]) -> dict[str, Any]:
+    """Outcomes ("win" | "tie" | "loss", from the model's side) -> rates; ties are their own share."""
+    if not outcomes:
+        raise ValueError("no comparisons")
+    counts = Counter(outcomes)
+    if set(counts) - {"win", "tie", "loss"}:
+        raise ValueError(f"unknown outcomes: {sorted(set(counts) - {'win', 'tie', 'loss'})}")
+    n, decided = len(outcomes), counts["win"] + counts["loss"]
+    return {"win_rate": counts["win"] / n, "tie_rate": counts["tie"] / n, "loss_rate": counts["loss"] / n,
+            "win_rate_without_ties": counts["win"] / decided if decided else None, "comparisons": n}
+
+
+def refusal_detector_accuracy(path: str) -> dict[str, Any]:
+    """The detector's accuracy on labelled responses, per split (dev: looked at while writing it; test: not)."""
+    rows = [r for _, r in read_jsonl(path, {"text": str, "refusal": bool, "split": str})]
+    result: dict[str, Any] = {"examples": len(rows)}
+    for split in ("dev", "test", None):
+        subset = [r for r in rows if split is None or r["split"] == split]
+        if subset:
+            result[f"accuracy_{split or 'all'}"] = sum(is_refusal(r["text"]) == r["refusal"] for r in subset) / len(subset)
+    return result
+
+
+def judge_outcomes(model: str, records: list[dict], reference: list[dict], params: Params) -> tuple[list[str], list[dict]]:
+    """Win / tie / loss of `model`'s response against the reference's for each prompt, and the verdicts."""
+    cfg = params.preferences
+    kind = "rules" if cfg.judge in ("rules", "human") else "ai"
+    ref_by_id = {r["id"]: r for r in reference}
+    outcomes: dict[int, str] = {}
+    verdicts: dict[int, dict] = {}
+    asked = []
+    for i, record in enumerate(records):
+        theirs = ref_by_id[record["id"]]["response"]
+        if record["response"] == theirs:
+            outcomes[i], verdicts[i] = "tie", {"kind": "identical"}
+        elif kind == "ai":
+            asked.append(i)
+        else:
+            mine, other = (rule_score(rule_checks(record["prompt"], text, record["harmful"], cfg.rules_min_tokens,
+                                                   cfg.rules_max_tokens)) for text in (record["response"], theirs))
+            outcomes[i] = "win" if mine > other else "loss" if mine < other else "tie"
+            verdicts[i] = {"kind": "rules", "scores": {model: mine, "reference": other}}
+    if asked:
+        judge = pairwise_judge(cfg, params.paths, params.seed)
+        comparisons = [([{"role": "user", "content": records[i]["prompt"]}], {"id": model, "text": records[i]["response"]},
+                        {"id": "reference", "text": ref_by_id[records[i]["id"]]["response"]}) for i in asked]
+        for i, result in zip(asked, compare_both_orders(judge, cfg.principles, comparisons)):
+            verdict = {"kind": "ai", "model": judge.describe(), "verdicts": result["verdicts"]}
+            winner = result["winner"]
+            if winner is None and cfg.tie_breaker == "rules":
+                record, theirs = records[i], ref_by_id[records[i]["id"]]["response"]
+                mine, other = (rule_score(rule_checks(record["prompt"], text, record["harmful"], cfg.rules_min_tokens,
+                                                       cfg.rules_max_tokens)) for text in (record["response"], theirs))
+                winner = model if mine > other else "reference" if mine < other else None
+                verdict = {"kind": "rules", "settles": "ai tie", "scores": {model: mine, "reference": other}, "ai": verdict}
+            outcomes[i] = "tie" if winner is None else "win" if winner == model else "loss"
+            verdicts[i] = verdict
+    ordered = [outcomes[i] for i in range(len(records))]
+    return ordered, [{"model": model, "reference": params.reference_model, "prompt_id": r["id"], "outcome": o,
+                      "judge": verdicts[i]} for i, (r, o) in enumerate(zip(records, ordered))]
+
+
+def read_model(params: Params, name: str) -> tuple[list[dict], dict]:
+    responses = Path(params.paths.evaluation) / f"{name}.jsonl"
+    metrics = Path(params.paths.metrics) / "evaluate" / f"{name}.json"
+    if not responses.is_file() or not metrics.is_file():
+        raise InputError(f"{responses}: missing; run evaluate@{name} first (dvc repro evaluate@{name})")
+    return [r for _, r in read_jsonl(responses, {"id": str, "response": str, "reward": float})], json.loads(metrics.read_text())
+
+
+def draw(summary: dict[str, Any], rewards: dict[str, list[float]], reference: str, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(summary)
+    others = [m for m in models if m != reference]
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(others)))
+    left = [0.0] * len(others)
+    for outcome, colour in (("win", "#4c9f70"), ("tie", "#c8c8c8"), ("loss", "#d1605e")):
+        values = [summary[m][f"{outcome}_rate"] for m in others]
+        ax.barh(others, values, left=left, color=colour, label=outcome)
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"share of held-out prompts, against {reference}")
+    ax.legend(ncol=3, loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "win_rates.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.boxplot([rewards[m] for m in models], tick_labels=models)
+    ax.set_ylabel("reward model score")
+    fig.tight_layout()
+    fig.savefig(folder / "rewards.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    width = 0.27
+    for k, (key, label) in enumerate((("benign", "benign"), ("benign_alarming", "benign, looks alarming"), ("harmful", "harmful"))):
+        ax.bar([i + (k - 1) * width for i in range(len(models))], [summary[m]["refusal_rate"][key] or 0 for m in models],
+               width, label=label)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share refused")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "refusal.png", dpi=100)
+    plt.close(fig)
+
+
+def run(params: Params) -> None:
+    cfg, paths = params.evaluate, params.paths
+    loaded = {name: read_model(params, name) for name in cfg.models}
+    reference_records = loaded[params.reference_model][0]
+    ids = [r["id"] for r in reference_records]
+    summary, all_verdicts, rewards = {}, [], {}
+    for name, (records, metrics) in loaded.items():
+        if [r["id"] for r in records] != ids:
+            raise InputError(f"{paths.evaluation}/{name}.jsonl: not the same prompts as {params.reference_model}'s; rerun evaluate@{name}")
+        entry = {key: metrics[key] for key in ("reward_mean", "reward_std", "harmful_refusal_rate", "over_refusal_rate",
+                                               "refusal_rate", "perplexity", "kl_to_reference", "response_tokens_mean")}
+        if "base" in loaded:
+            entry["perplexity_ratio_to_base"] = metrics["perplexity"] / loaded["base"][1]["perplexity"]
+        if name != params.reference_model:
+            outcomes, verdicts = judge_outcomes(name, records, reference_records, params)
+            entry.update(win_rates(outcomes))
+            all_verdicts += verdicts
+        summary[name] = entry
+        rewards[name] = [r["reward"] for r in records]
+        log.info("%s: %s", name, ", ".join(f"{k} {v:.3g}" for k, v in entry.items() if isinstance(v, float)))
+
+    judge = params.preferences.judge
+    result = {
+        "reference": params.reference_model, "prompts": len(ids),
+        "judge": judge if judge != "human" else "rules (stands in for human: A/B answers by people are not wired in yet)",
+        "refusal_detector": refusal_detector_accuracy(paths.refusal_examples),
+        "models": summary,
+    }
+    folder = Path(paths.plots) / "evaluation"
+    plots = {
+        "win_rates.json": [{"model": m, **{k: summary[m][k] for k in ("win_rate", "tie_rate", "loss_rate")}}
+                           for m in summary if m != params.reference_model],
+        "refusal.json": [{"model": m, "over_refusal_rate": summary[m]["over_refusal_rate"],
+                          "harmful_refusal_rate": summary[m]["harmful_refusal_rate"]} for m in summary],
+        "rewards.json": [{"model": m, "reward_mean": summary[m]["reward_mean"], "reward_std": summary[m]["reward_std"]}
+                         for m in summary],
+    }
+    names = [*plots, "win_rates.png", "rewards.png", "refusal.png"]
+    with (atomic_path(Path(paths.metrics) / "evaluation.json") as tmp_metrics, atomic_path(paths.verdicts) as tmp_verdicts,
+          atomic_path(folder) as tmp_folder):
+        tmp_folder.mkdir(parents=True)
+        for name, rows in plots.items():
+            dump_json(rows, tmp_folder / name)
+        draw(summary, rewards, params.reference_model, tmp_folder)
+        dump_jsonl(all_verdicts, tmp_verdicts)
+        dump_json(result, tmp_metrics)
+    log.info("compare: %d models on %d prompts against %s (judge: %s); refusal detector accuracy %.3f (test split %s); "
+             "wrote %s", len(summary), len(ids), params.reference_model, result["judge"], result["refusal_detector"]["accuracy_all"],
+             result["refusal_detector"].get("accuracy_test"), ", ".join(names))
