@@ -184,6 +184,7 @@ def test_evaluate_compare_report(eval_workdir, tiny_model_dir):
         assert f"(../plots/evaluation/{png})" in report
     # lineage: the dpo checkpoint's stage, its parents and params; examples: every model's answer to a harmful prompt
     assert "**dpo**: stage `align@dpo`" in report and "`models/sft`" in report and "dpo.beta=0.1" in report
+    assert "**reward model**: stage `reward_model`" in report
     harmful_example = report.split("(harmful, en)")[1].split("**")[0]
     assert all(f"| {m} |" in harmful_example for m in ("base", "sft", "dpo"))
 

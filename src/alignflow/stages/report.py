@@ -7,7 +7,7 @@ Reads:  `<paths.metrics>/evaluation.json` (the compare stage), `<paths.evaluatio
         figures under `<paths.plots>/evaluation/`, and the DVC pipeline itself for the lineage.
 Writes: `paths.report`: a table of every model against every metric (the numbers are the metrics file's,
         rounded for reading), the figures, what each training stage cost, each model's lineage (the stage
-        that wrote it, its parent checkpoint, data and params, with the hashes DVC records in dvc.lock), and
+        that wrote it, the checkpoint it was trained from, data and params, with the hashes DVC records in dvc.lock), and
         a few prompts with every model's response side by side.
 """
 
@@ -97,7 +97,10 @@ def lineage(checkpoints: dict[str, str]) -> dict[str, dict[str, Any]]:
                 md5 = dep.get_hash().value if Path(dep_path).exists() else None
                 deps.append({"path": dep_path, "md5": md5 or "(missing)", "kind": kind})
             recorded = {d["path"]: d.get("md5") for d in lock.get("stages", {}).get(stage.name, {}).get("deps", [])}
+            info_file = Path(path) / "alignflow_model.json"  # a training stage's note of where it started
+            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
             found[name] = {"stage": stage.name, "cmd": stage.cmd, "deps": deps, "params": params,
+                           "trained_from": info.get("start") or info.get("base"),
                            "in_dvc_lock": all(recorded.get(d["path"]) == d["md5"] for d in deps)}
     return found
 
@@ -112,7 +115,9 @@ def lineage_section(found: dict[str, dict[str, Any]]) -> list[str]:
         data = [d for d in info["deps"] if d["kind"] == "data"]
         lines.append(f"**{name}**: stage `{info['stage']}` (`{info['cmd']}`)"
                      + ("" if info["in_dvc_lock"] else " (these hashes are not in dvc.lock yet: `dvc commit`)"))
-        lines.append("- parent checkpoints: " + (", ".join(f"`{d['path']}` {d['md5'][:10]}" for d in parents) or "none"))
+        if info["trained_from"]:
+            lines.append(f"- trained from: `{info['trained_from']}`")
+        lines.append("- checkpoints it read: " + (", ".join(f"`{d['path']}` {d['md5'][:10]}" for d in parents) or "none"))
         lines.append("- data: " + (", ".join(f"`{d['path']}` {d['md5'][:10]}" for d in data) or "none"))
         flat = {k: v for k, v in info["params"].items() if not isinstance(v, dict)}
         for section, values in info["params"].items():
@@ -175,8 +180,8 @@ def run(params: Params) -> None:
         "Peak memory is the process's maximum resident set on CPU and allocated GPU memory on a GPU. Training curves: "
         "`dvc plots show`.", "",
         "## Lineage", "",
-        "The stage that wrote each checkpoint (and the reward model that scored them), its parent checkpoints and "
-        "data (with the md5 hashes DVC records in dvc.lock), and its params.", "",
+        "The stage that wrote each checkpoint (and the reward model that scored them), the checkpoint it was trained "
+        "from, the checkpoints and data its stage reads (with the md5 hashes DVC records in dvc.lock), and its params.", "",
         *lineage_section(lineage({**cfg.models, "reward model": paths.reward_model})),
         "## Examples", "", *examples_section(params, order, cfg.examples),
     ]
