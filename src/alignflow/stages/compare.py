@@ -61,6 +61,11 @@ def judge_outcomes(model: str, records: list[dict], reference: list[dict], param
     cfg = params.preferences
     kind = "rules" if cfg.judge in ("rules", "human") else "ai"
     ref_by_id = {r["id"]: r for r in reference}
+
+    def rule_scores(record: dict) -> tuple[int, int]:  # (this model's, the reference's)
+        return tuple(rule_score(rule_checks(record["prompt"], text, record["harmful"], cfg.rules_min_tokens, cfg.rules_max_tokens))
+                     for text in (record["response"], ref_by_id[record["id"]]["response"]))
+
     outcomes: dict[int, str] = {}
     verdicts: dict[int, dict] = {}
     asked = []
@@ -71,8 +76,7 @@ def judge_outcomes(model: str, records: list[dict], reference: list[dict], param
         elif kind == "ai":
             asked.append(i)
         else:
-            mine, other = (rule_score(rule_checks(record["prompt"], text, record["harmful"], cfg.rules_min_tokens,
-                                                   cfg.rules_max_tokens)) for text in (record["response"], theirs))
+            mine, other = rule_scores(record)
             outcomes[i] = "win" if mine > other else "loss" if mine < other else "tie"
             verdicts[i] = {"kind": "rules", "scores": {model: mine, "reference": other}}
     if asked:
@@ -83,9 +87,7 @@ def judge_outcomes(model: str, records: list[dict], reference: list[dict], param
             verdict = {"kind": "ai", "model": judge.describe(), "verdicts": result["verdicts"]}
             winner = result["winner"]
             if winner is None and cfg.tie_breaker == "rules":
-                record, theirs = records[i], ref_by_id[records[i]["id"]]["response"]
-                mine, other = (rule_score(rule_checks(record["prompt"], text, record["harmful"], cfg.rules_min_tokens,
-                                                       cfg.rules_max_tokens)) for text in (record["response"], theirs))
+                mine, other = rule_scores(records[i])
                 winner = model if mine > other else "reference" if mine < other else None
                 verdict = {"kind": "rules", "settles": "ai tie", "scores": {model: mine, "reference": other}, "ai": verdict}
             outcomes[i] = "tie" if winner is None else "win" if winner == model else "loss"
