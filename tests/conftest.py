@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_SEEDS = ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 VENV_BIN = str(Path(sys.executable).parent)
 PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "src", "data/seeds", "data/prompts", "data/annotations", "data/eval",
-                 ".dvcignore", ".gitignore"]
+                 "slurm", ".dvcignore", ".gitignore"]
 
 
 def env() -> dict[str, str]:
@@ -106,6 +106,19 @@ def make_repo(path: Path, params: dict) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> Iterator[Path]:
+    """A real single-node Slurm (tests/slurm/cluster.sh: munged, slurmctld, slurmd with one fake GPU), started
+    for the session and stopped after it; yields the directory with its config, state and daemon logs."""
+    script, state = ROOT / "tests" / "slurm" / "cluster.sh", tmp_path_factory.mktemp("slurm")
+    try:
+        started = subprocess.run(["bash", str(script), "start", str(state)], capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, f"the test Slurm did not start (logs in {state}):\n{started.stderr}"
+        yield state
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(state)], timeout=60)
+
+
 @pytest.fixture
 def tiny_repo(tmp_path, tiny_model_dir):
     """A fresh pipeline repository on the tiny model."""
@@ -137,19 +150,24 @@ def alignflow(stage: str, cwd: Path, params: str = "params.yaml", extra: list[st
 
 
 @contextlib.contextmanager
-def openai_server(reply: Callable[[dict], str], seen_keys: list[str] | None = None) -> Iterator[str]:
-    """A minimal OpenAI-compatible chat server on 127.0.0.1 (a vLLM / Ollama stand-in) answering each
-    request body with `reply(body)`; yields its base URL. Authorization headers go to `seen_keys`."""
+def openai_server(reply: Callable[[dict], str | tuple[int, str]], seen_keys: list[str] | None = None) -> Iterator[str]:
+    """A minimal OpenAI-compatible chat server on 127.0.0.1 (a vLLM / Ollama stand-in), one thread per request,
+    answering each request body with `reply(body)`: the reply text, or (HTTP status, error message) to fail
+    the request (with a 10 ms retry-after). Yields its base URL. Authorization headers go to `seen_keys`."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if seen_keys is not None:
                 seen_keys.append(self.headers.get("Authorization", ""))
+            answer = reply(body)
+            status, text = answer if isinstance(answer, tuple) else (200, answer)
             data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                                "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": reply(body)}}]}).encode()
-            self.send_response(200)
+                                            "message": {"role": "assistant", "content": text}}]} if status == 200
+                              else {"error": {"message": text, "type": "server_error"}}).encode()
+            self.send_response(status)
+            self.send_header("retry-after-ms", "10")
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -158,7 +176,7 @@ def openai_server(reply: Callable[[dict], str], seen_keys: list[str] | None = No
         def log_message(self, *args):
             pass
 
-    server = HTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_port}/v1"

@@ -1,7 +1,11 @@
 """The whole DAG on the tiny model, through both drivers, in throwaway git + DVC repositories.
 
-- `dvc repro` and `snakemake -c 2` give byte-identical outputs (so the same params give the same data twice);
+- `dvc repro` and `snakemake --profile slurm` on a real single-node Slurm (tests/slurm/cluster.sh, the
+  repository's own slurm/ profile with the test overrides of tests/slurm/profile layered on top) give
+  byte-identical outputs (so the same params give the same data twice) and the same dvc.lock;
+- every stage ran as its own Slurm job, with the GPU, CPUs, memory and time the profile asks for;
 - after either, the other driver has nothing to do (`dvc status` clean, `snakemake -n` empty);
+- `dvc push` to a remote after the cluster run, `dvc pull` in a fresh clone: the same checkpoints and data;
 - changing one stage's param reruns that stage and its dependants only;
 - the report's numbers are the metrics' numbers, and the README's experiment commands work as written
   (`dvc exp run -S`, `dvc exp show`, `dvc exp branch`, `dvc metrics diff`, `dvc plots diff`).
@@ -16,7 +20,7 @@ import re
 import pytest
 import yaml
 
-from conftest import make_repo, sh, tiny_params
+from conftest import ROOT, make_repo, sh, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +54,52 @@ def snakemake_jobs(repo) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory, tiny_model_dir):
-    """The same params run once through `dvc repro` and once through `snakemake -c 2` (the tests below
-    run in file order: the second one changes a param in both repositories)."""
+def pipelines(tmp_path_factory, tiny_model_dir, slurm_cluster):
+    """The same params run once through `dvc repro` and once through `snakemake --profile slurm` (the
+    tests below run in file order: later ones change params and rerun with `snakemake -c 2`, locally)."""
     params = tiny_params(tiny_model_dir)
     via_dvc = make_repo(tmp_path_factory.mktemp("via_dvc"), params)
     via_snakemake = make_repo(tmp_path_factory.mktemp("via_snakemake"), params)
     sh(["dvc", "repro"], via_dvc)
-    sh(["snakemake", "-c", "2"], via_snakemake)
+    # exactly what a user types, plus the test cluster's overrides; a hung plugin must not hang CI
+    sh(["timeout", "1800", "snakemake", "--profile", "slurm", "--workflow-profile", str(ROOT / "tests/slurm/profile")],
+       via_snakemake)
     return via_dvc, via_snakemake
+
+
+GPU_RULES = ("self_instruct", "sft", "samples", "reward_model", "align@ppo", "align@dpo", "align@orpo",
+             *(f"evaluate@{m}" for m in MODELS))  # generation, training, evaluation
+
+
+def slurm_jobs(repo) -> dict[str, list[dict[str, str]]]:
+    """The test cluster's records of the jobs run from `repo` (kept MinJobAge=600 s), by rule name."""
+    jobs: dict[str, list[dict[str, str]]] = {}
+    for line in sh(["scontrol", "show", "job", "--oneliner"], repo).stdout.splitlines():
+        record = dict(re.findall(r"(\w+)=(\S*)", line))
+        if record.get("WorkDir") == str(repo):
+            jobs.setdefault(record["Comment"].removeprefix("rule_"), []).append(record)
+    return jobs
+
+
+def test_slurm_ran_each_stage_as_a_job_with_its_resources(pipelines):
+    via_slurm = pipelines[1]
+    profile = yaml.safe_load((ROOT / "slurm" / "config.yaml").read_text())
+    stages = yaml.safe_load((via_slurm / "dvc.lock").read_text())["stages"]
+    jobs = slurm_jobs(via_slurm)
+    assert set(jobs) == set(stages), "every DVC stage is one Slurm job (and `all` none)"
+    assert {rule for rule, res in profile["set-resources"].items() if res.get("gpu")} == set(GPU_RULES)
+    for rule, records in jobs.items():
+        assert [r["JobState"] for r in records] == ["COMPLETED"], (rule, records)
+        job = records[0]
+        wanted = {**profile["default-resources"], **profile["set-resources"].get(rule, {})}
+        tres = dict(item.split("=", 1) for item in job["TRES"].split(","))
+        assert tres["mem"] == f"{wanted['mem_mb']}M", rule
+        assert job["TimeLimit"] == f"{wanted['runtime'] // 60:02d}:{wanted['runtime'] % 60:02d}:00", rule
+        assert job["Requeue"] == "1", rule  # preempted jobs come back (and resume from their checkpoints)
+        if rule in GPU_RULES:
+            assert job.get("TresPerJob") == "gres:gpu:1" and tres["cpu"] == str(wanted["cpus_per_gpu"]), (rule, job)
+        else:
+            assert "gpu" not in job.get("TresPerJob", "") and tres["cpu"] == str(wanted["cpus_per_task"]), (rule, job)
 
 
 def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
@@ -96,6 +137,28 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
     for stage in ("sft", "reward_model", "align@ppo", "align@dpo", "align@orpo"):
         assert f"stage `{stage}`" in report
     assert "not in dvc.lock yet" not in report  # dvc repro recorded every upstream stage before the report ran
+
+
+def tree_digests(root) -> dict[str, str]:
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*")) if f.is_file() and f.name != ".snakemake_timestamp"}
+
+
+def test_results_shared_through_a_dvc_remote(pipelines, tmp_path):
+    """README "Sharing results": push after a cluster run, pull in a fresh clone, get the same checkpoints."""
+    via_slurm = pipelines[1]
+    sh(["dvc", "remote", "add", "--default", "shared", str(tmp_path / "remote")], via_slurm)  # S3 / SSH on a real team
+    sh(["git", "add", "-A"], via_slurm)
+    sh(["git", "commit", "-qm", "cluster run"], via_slurm)
+    sh(["dvc", "push"], via_slurm)
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(via_slurm), str(clone)], tmp_path)
+    assert not (clone / "models").exists()
+    sh(["dvc", "pull"], clone)
+    assert tree_digests(clone / "models") == tree_digests(via_slurm / "models")
+    for data in ("data/preferences/pairs.jsonl", "data/formatted/train.jsonl"):
+        assert (clone / data).read_bytes() == (via_slurm / data).read_bytes()
+    assert "up to date" in sh(["dvc", "status"], clone).stdout
 
 
 DOWNSTREAM_OF_FORMAT = ("sft", "samples", "preferences", "reward_model", "align@ppo", "align@dpo", "align@orpo",

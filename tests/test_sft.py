@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from alignflow.io import InputError
 from alignflow.models import Source, load_tokenizer, load_trained
 from alignflow.params import ParamsError, load_params
 from alignflow.stages import sft
-from conftest import alignflow, env, tiny_params, write_params
+from conftest import alignflow, tiny_params, write_params
 
 METHODS = ["full", "lora", "qlora", "prefix", "adapter"]
 PAIRS = [("What is the capital of France?", "Paris."), ("把这句话翻译成英文：你好。", "Hello."),
@@ -181,23 +178,3 @@ def test_empty_train_split_and_missing_chat_template(sft_dir, tiny_model_dir):
     with pytest.raises(InputError, match="no chat template"):
         sft.run(params)
     assert not (sft_dir / "models" / "sft").exists()
-
-
-def test_killed_run_resumes_from_its_last_checkpoint(sft_dir, tiny_model_dir):
-    params = tiny_params(tiny_model_dir)
-    params["sft"].update(epochs=6, batch_size=2, save_steps=2)  # 16 examples: 48 steps
-    write_params(sft_dir, params)
-    process = subprocess.Popen(["alignflow", "sft"], cwd=sft_dir, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list((sft_dir / "checkpoints").rglob("checkpoint-4/trainer_state.json")):
-        assert process.poll() is None, "training finished before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (sft_dir / "models" / "sft").exists()
-
-    result = alignflow("sft", sft_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from checkpoints/sft/" in (sft_dir / "logs" / "sft.log").read_text()
-    metrics = json.loads((sft_dir / "metrics" / "sft.json").read_text())
-    assert metrics["resumed_from_step"] >= 4 and metrics["steps"] == 48

@@ -7,6 +7,8 @@
 Each stage logs to `<paths.logs>/<stage>.log` (declared in dvc.yaml, so DVC and Snakemake both know
 it) and to stderr. Bad input (params, seed files, data contracts) ends with one clear message and
 exit code 2; nothing is left half-written because every stage writes through `io.atomic_path`.
+With `distributed.num_processes` above one, sft, reward_model, dpo and orpo re-run themselves under
+`accelerate launch` (alignflow.launch) and return its exit status.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
+from alignflow import launch
 from alignflow.contracts import ContractError
 from alignflow.io import InputError
 from alignflow.params import ParamsError, load_params
@@ -40,9 +44,17 @@ STAGES = {
 
 
 def _setup_logging(log_file: Path) -> None:
+    """The stage's log file and stderr. Under accelerate launch (alignflow.launch) only rank 0 writes the file,
+    appending to what the launching `alignflow` wrote (both append: lines interleave, never overwrite); every
+    rank logs to stderr, each line tagged with its rank."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [logging.FileHandler(log_file, mode="w", encoding="utf-8"), logging.StreamHandler()]
+    tag = f" [rank {launch.rank()}/{launch.world_size()}]" if launch.launched() else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s{tag} %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if launch.is_main_process():
+        if launch.LAUNCHED_BY_ALIGNFLOW not in os.environ:
+            log_file.write_text("", encoding="utf-8")  # a fresh log for each run
+        handlers.insert(0, logging.FileHandler(log_file, mode="a", encoding="utf-8"))
     root = logging.getLogger()
     root.handlers.clear()
     for handler in handlers:
@@ -75,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger(f"alignflow.{args.stage}")
     started = time.perf_counter()
     try:
-        if args.stage == "import-preferences":
+        relaunched = launch.relaunch(args.params, args.stage, params)  # None: run the stage in this process
+        if relaunched:
+            log.error("accelerate launch exited %d; the ranks' messages are above", relaunched)
+            return relaunched
+        elif relaunched == 0:
+            pass  # the launched processes ran the stage
+        elif args.stage == "import-preferences":
             from alignflow.pairs import import_file
 
             import_file(args.input, args.output, seed=params.seed, eval_fraction=args.eval_fraction)

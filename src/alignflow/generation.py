@@ -3,7 +3,11 @@
 - `TransformersGenerator`: a local causal LM (directory or hub id), left-padded batched sampling,
   optionally wrapping each prompt as a user turn of the model's chat template. Seeded per call.
 - `OpenAIGenerator`: any OpenAI-compatible chat server (vLLM, TGI, Ollama) by `api_base`; the API
-  key is read from the environment variable named in params and is never logged or written.
+  key is read from the environment variable named in params and is never logged or written. Requests
+  go out concurrently from a bounded pool (`concurrency` in flight at most); the openai client retries
+  connection errors, timeouts, 429 and 5xx answers with exponential backoff (`max_retries`).
+- `VLLMGenerator`: vLLM's offline engine on a local checkpoint, when `vllm` is installed (a CUDA GPU);
+  prompts are rendered with the checkpoint's own chat template, one sampling seed per prompt.
 
 Both expose `generate(prompts, max_new_tokens=..., seed=...) -> list[str]` and `describe()`, the
 provenance recorded beside each generated example (no secrets in it). A prompt is a string (one user
@@ -85,14 +89,15 @@ class TransformersGenerator:
 
 
 class OpenAIGenerator:
-    def __init__(self, model: str, *, api_base: str, api_key_env: str, temperature: float, top_p: float, concurrency: int):
+    def __init__(self, model: str, *, api_base: str, api_key_env: str, temperature: float, top_p: float, concurrency: int,
+                 max_retries: int = 5, timeout: float = 600.0):
         from openai import OpenAI
 
         self.model, self.api_base, self.temperature, self.top_p = model, api_base, temperature, top_p
         self.concurrency = concurrency
         # servers such as vLLM or Ollama accept any key when they were started without one
         key = os.environ.get(api_key_env) or "EMPTY"
-        self.client = OpenAI(base_url=api_base, api_key=key, max_retries=3, timeout=600)
+        self.client = OpenAI(base_url=api_base, api_key=key, max_retries=max_retries, timeout=timeout)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "openai", "model": self.model, "api_base": self.api_base}
@@ -114,6 +119,56 @@ class OpenAIGenerator:
         with ThreadPoolExecutor(self.concurrency) as pool:
             jobs = [pool.submit(self._one, p, max_new_tokens, seed + i, stop) for i, p in enumerate(prompts)]
             return [job.result() for job in tqdm(jobs, desc="generate", unit="prompt", leave=False)]
+
+
+class VLLMGenerator:
+    """vLLM's offline engine (`pip install vllm`, a CUDA GPU) on a plain local checkpoint."""
+
+    def __init__(self, model_path: str, *, temperature: float, top_p: float, chat_template: bool, seed: int):
+        import json
+        from pathlib import Path
+
+        from alignflow.io import InputError
+
+        try:
+            import vllm
+        except ImportError as err:
+            raise InputError(f"backend 'vllm' needs the vllm package and a CUDA GPU (pip install vllm): {err}") from err
+        info = Path(model_path) / "alignflow_model.json"
+        if info.is_file() and json.loads(info.read_text())["kind"] != "full":
+            raise InputError(f"{model_path}: backend 'vllm' needs a plain checkpoint, not an adapter "
+                             "(for the SFT model set sft.lora_merge: true)")
+        self.model_path, self.temperature, self.top_p, self.chat_template = model_path, temperature, top_p, chat_template
+        self.vllm = vllm
+        self.llm = vllm.LLM(model=model_path, seed=seed, tensor_parallel_size=_visible_gpus())
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "vllm", "model": self.model_path, "chat_template": self.chat_template}
+
+    def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
+        texts = [self.tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
+                 if self.chat_template else p for p in prompts]
+        sampling = [self.vllm.SamplingParams(temperature=self.temperature, top_p=self.top_p if self.temperature > 0 else 1.0,
+                                             max_tokens=max_new_tokens, seed=seed + i, stop=stop or None)
+                    for i in range(len(texts))]
+        outputs = self.llm.generate(texts, sampling, use_tqdm=True)
+        return [_cut_at_stop(o.outputs[0].text, stop) for o in outputs]
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def local_generator(backend: str, model_path: str, *, temperature: float, top_p: float, batch_size: int,
+                    chat_template: bool, seed: int) -> "TransformersGenerator | VLLMGenerator":
+    """The generator for a local checkpoint: `transformers` (batched, any device) or `vllm` (offline engine)."""
+    if backend == "vllm":
+        return VLLMGenerator(model_path, temperature=temperature, top_p=top_p, chat_template=chat_template, seed=seed)
+    return TransformersGenerator(model_path, temperature=temperature, top_p=top_p, batch_size=batch_size,
+                                 chat_template=chat_template)
 
 
 def _cut_at_stop(text: str, stop: list[str] | None) -> str:

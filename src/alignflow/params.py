@@ -98,6 +98,14 @@ class FormatParams:
 
 
 @dataclass(frozen=True)
+class DistributedParams:
+    """How the Trainer-based stages run on more than one process (alignflow.launch)."""
+
+    accelerate_config: str  # ddp | zero2 | zero3 | fsdp: workflow/accelerate/<name>.yaml
+    num_processes: int | str  # "auto" (the visible CUDA GPUs, 1 without CUDA) or a count
+
+
+@dataclass(frozen=True)
 class SftParams:
     method: str
     epochs: float
@@ -128,6 +136,7 @@ class SftParams:
 
 @dataclass(frozen=True)
 class SamplesParams:
+    backend: str
     prompts: str
     num_responses: int
     temperature: float
@@ -163,6 +172,7 @@ class RewardModelParams:
     batch_size: int
     gradient_accumulation_steps: int
     max_length: int
+    save_steps: int
     center_rewards_coefficient: float
     lora_r: int
     lora_alpha: float
@@ -194,6 +204,7 @@ class PpoParams:
     clip_range_value: float
     value_coef: float
     stop_kl: float | None
+    save_every: int
     lora_r: int
     lora_alpha: float
     lora_dropout: float
@@ -211,6 +222,7 @@ class PreferenceTrainingParams:
     batch_size: int
     gradient_accumulation_steps: int
     max_length: int
+    save_steps: int
     lora_r: int
     lora_alpha: float
     lora_dropout: float
@@ -229,6 +241,7 @@ class OrpoParams(PreferenceTrainingParams):
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    backend: str
     models: dict[str, str]
     max_new_tokens: int
     batch_size: int
@@ -243,6 +256,7 @@ class Params:
     self_instruct: SelfInstructParams
     filter: FilterParams
     format: FormatParams
+    distributed: DistributedParams
     sft: SftParams
     samples: SamplesParams
     preferences: PreferencesParams

@@ -16,7 +16,8 @@ One iteration (`step`):
   4. `ppo_epochs` passes over shuffled minibatches: clipped surrogate (epsilon) + clipped value loss;
      stop early once the approximate KL to the rollout policy passes `stop_kl`.
   5. with `adaptive_kl`, move beta toward `target_kl`.
-Everything is on token ids; texts are the stage's business.
+Everything is on token ids; texts are the stage's business. `state_dict()` / `load_state_dict()` hold what a
+resumed run needs of the trainer (the stage checkpoints it with its RNG states and data position).
 """
 
 from __future__ import annotations
@@ -128,6 +129,27 @@ class PPOTrainer:
             if model is not None:
                 model.eval()  # no dropout: the rollout and the update must see the same function
         self.device = next(policy.parameters()).device
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs of the trainer: the policy's trainable weights (the adapter, with LoRA), the
+        value model, the optimizer, beta and the minibatch shuffler. The caller adds the global RNG states and
+        its data position."""
+        return {"policy": {n: p.detach().cpu() for n, p in self.policy.named_parameters() if p.requires_grad},
+                "value_model": {k: v.detach().cpu() for k, v in self.value_model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "beta": self.kl.beta, "shuffle": self.shuffle.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        trainable = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+        if trainable.keys() != state["policy"].keys():
+            raise ValueError(f"the checkpoint's policy weights are not this policy's trainable ones: "
+                             f"{sorted(trainable.keys() ^ state['policy'].keys())[:5]}")
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(state["policy"][name])
+        self.value_model.load_state_dict(state["value_model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl.beta = state["beta"]
+        self.shuffle.set_state(state["shuffle"])
 
     # positions: left padding must not shift the position ids
     @staticmethod

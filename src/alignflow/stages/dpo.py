@@ -32,9 +32,11 @@ def run(params: Params) -> None:
     align = AlignmentRun(params, "dpo", start_from=params.paths.sft_model)
     train, held_out = load_preference_splits(params.paths.pairs)
     model, tokenizer = align.load_policy()
-    args = DPOConfig(**training_args(params, "dpo", cfg, align.device), beta=cfg.beta, max_length=cfg.max_length)
+    checkpoints = align.open_checkpoints()
+    args = DPOConfig(**training_args(params, "dpo", cfg, align.device, checkpoints.run_dir), beta=cfg.beta,
+                       max_length=cfg.max_length)
     trainer = DPOTrainer(model=model, args=args, train_dataset=train.dataset, eval_dataset=held_out.dataset,
-                         processing_class=tokenizer, peft_config=peft_lora(cfg), callbacks=[align.live_callback()])
+                         processing_class=tokenizer, peft_config=peft_lora(cfg), callbacks=align.callbacks())
     policy = trainer.model
 
     def measure() -> dict[str, float]:
@@ -52,6 +54,7 @@ def run(params: Params) -> None:
         **{f"eval_{k}": v for k, v in after.items()}, **{f"eval_{k}_before": v for k, v in before.items()},
         "train_loss": result.training_loss, "beta": cfg.beta, "train_pairs": len(train.prompts),
         "eval_pairs": len(held_out.prompts), "model_copies": 1 if cfg.method == "lora" else 2,
+        "resumed_from_step": checkpoints.resumed_from_step,
     })
     log.info("dpo: held-out reward accuracy %.3f -> %.3f, margin %.4f -> %.4f", before["reward_accuracy"],
              after["reward_accuracy"], before["reward_margin"], after["reward_margin"])

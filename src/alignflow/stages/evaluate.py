@@ -118,7 +118,7 @@ def refusal_rates(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(params: Params, model_name: str) -> None:
-    from alignflow.generation import TransformersGenerator
+    from alignflow.generation import TransformersGenerator, VLLMGenerator
     from alignflow.models import load_for_inference
     from alignflow.reward import conversation_ids, load_reward_model, score
 
@@ -135,10 +135,16 @@ def run(params: Params, model_name: str) -> None:
         raise InputError(f"{paths.eval_prompts}: every prompt was seen in training")
     texts = [r["text"] for _, r in read_jsonl(paths.heldout_text, {"text": str})]
 
+    messages = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    if cfg.backend == "vllm":  # answers from vLLM's engine, freed before the scoring below loads the model again
+        engine = VLLMGenerator(model_path, temperature=0.0, top_p=1.0, chat_template=True, seed=params.seed)
+        answers = engine.generate(messages, max_new_tokens=cfg.max_new_tokens, seed=params.seed)
+        del engine
     generator = TransformersGenerator(model_path, temperature=0.0, top_p=1.0, batch_size=cfg.batch_size, chat_template=True)
     model, tokenizer = generator.model, generator.tokenizer
-    messages = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
-    responses = [r.strip() for r in generator.generate(messages, max_new_tokens=cfg.max_new_tokens, seed=params.seed)]
+    if cfg.backend != "vllm":
+        answers = generator.generate(messages, max_new_tokens=cfg.max_new_tokens, seed=params.seed)
+    responses = [r.strip() for r in answers]
 
     reward_model, rm_tokenizer = load_reward_model(paths.reward_model, generator.device)
     rewards = score(reward_model, rm_tokenizer, [conversation_ids(rm_tokenizer, m, r) for m, r in zip(messages, responses)])

@@ -31,9 +31,11 @@ def run(params: Params) -> None:
     align = AlignmentRun(params, "orpo", start_from=params.paths.base_model)
     train, held_out = load_preference_splits(params.paths.pairs)
     model, tokenizer = align.load_policy()
-    args = ORPOConfig(**training_args(params, "orpo", cfg, align.device), beta=cfg.lam, max_length=cfg.max_length)
+    checkpoints = align.open_checkpoints()
+    args = ORPOConfig(**training_args(params, "orpo", cfg, align.device, checkpoints.run_dir), beta=cfg.lam,
+                        max_length=cfg.max_length)
     trainer = ORPOTrainer(model=model, args=args, train_dataset=train.dataset, eval_dataset=held_out.dataset,
-                          processing_class=tokenizer, peft_config=peft_lora(cfg), callbacks=[align.live_callback()])
+                          processing_class=tokenizer, peft_config=peft_lora(cfg), callbacks=align.callbacks())
 
     def measure() -> dict[str, float]:
         _, chosen = response_logps(trainer.model, tokenizer, held_out.prompts, held_out.chosen)
@@ -46,7 +48,7 @@ def run(params: Params) -> None:
     align.save(trainer.model, tokenizer, {
         **{f"eval_{k}": v for k, v in after.items()}, **{f"eval_{k}_before": v for k, v in before.items()},
         "train_loss": result.training_loss, "lam": cfg.lam, "train_pairs": len(train.prompts),
-        "eval_pairs": len(held_out.prompts), "model_copies": 1,
+        "eval_pairs": len(held_out.prompts), "resumed_from_step": checkpoints.resumed_from_step, "model_copies": 1,
     })
     log.info("orpo: held-out log odds ratio %.3f -> %.3f, preference accuracy %.3f -> %.3f", before["log_odds_ratio"],
              after["log_odds_ratio"], before["preference_accuracy"], after["preference_accuracy"])

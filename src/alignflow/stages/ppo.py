@@ -8,6 +8,8 @@ Reads:  the train prompts of `paths.pairs` (rollouts) and its eval prompts (meas
 Writes: `<paths.aligned>/ppo/` (a plain checkpoint, LoRA merged in), `<paths.metrics>/ppo.json`, and per
         iteration reward, KL, entropy, clip fraction, value loss, approximate KL and response length under
         `<paths.dvclive>/ppo/` (dvc plots show).
+Keeps:  a checkpoint every `ppo.save_every` iterations under `<paths.checkpoints>/ppo/<run key>/`, written
+        atomically, so a killed run resumes and ends as an uninterrupted one would; deleted once it finished.
 
 The four models: the policy (the SFT model; LoRA by default), the reference (with LoRA the same weights
 with the adapter disabled, otherwise a frozen copy of the SFT model), the frozen reward model, and the
@@ -26,12 +28,15 @@ from pathlib import Path
 import torch
 
 from alignflow.alignment import AlignmentRun, load_preference_splits
+from alignflow.checkpoints import open_live, restore_rng_states, rng_states, snapshot_curves, write_checkpoint
 from alignflow.io import InputError
 from alignflow.models import Source, load_tokenizer
 from alignflow.params import Params
 from alignflow.reward import conversation_ids, score
 
 log = logging.getLogger(__name__)
+
+STATE_FILE = "ppo_state.pt"  # in each checkpoint: trainer, RNG states, data position, history (alignflow.checkpoints)
 
 
 def check_inputs(params: Params) -> None:
@@ -99,16 +104,32 @@ def run(params: Params) -> None:
         torch.manual_seed(params.seed)  # the same draw before and after
         return trainer.rollout(eval_ids).scores.mean().item()
 
-    from dvclive import Live
     from tqdm import tqdm
 
     before = held_out_reward()
     order = random.Random(params.seed)
     pool: list[list[int]] = []
     history = []
-    with Live(dir=str(Path(paths.dvclive) / "ppo"), dvcyaml=False, save_dvc_exp=False, resume=False) as live:
+    start = 0
+    checkpoints = align.open_checkpoints(paths.reward_model, marker=STATE_FILE)
+    if checkpoints.resume:  # everything a step reads: weights, optimizer, beta, RNGs, the prompt order and pool
+        state = torch.load(checkpoints.resume / STATE_FILE, weights_only=True)
+        trainer.load_state_dict(state["trainer"])
+        restore_rng_states(state["rng"])
+        version, internal, gauss = state["order"]
+        order.setstate((version, tuple(internal), gauss))
+        start, pool, history = state["iteration"], state["pool"], state["history"]
+    live_dir = Path(paths.dvclive) / "ppo"
+
+    def write_state(tmp: Path, done: int) -> None:
+        torch.save({"iteration": done, "trainer": trainer.state_dict(), "rng": rng_states(),
+                    "order": order.getstate(), "pool": pool, "history": history}, tmp / STATE_FILE)
+        snapshot_curves(live_dir, tmp)
+
+    with open_live(live_dir, checkpoints.resume) as live:
         started = time.perf_counter()
-        for iteration in tqdm(range(cfg.iterations), desc="ppo", unit="iteration"):
+        for iteration in tqdm(range(start, cfg.iterations), desc="ppo", unit="iteration", initial=start,
+                              total=cfg.iterations):
             while len(pool) < cfg.batch_size:  # cycle through the train prompts, reshuffled each pass
                 batch = [prompt_ids(m) for m in train_prompts]
                 order.shuffle(batch)
@@ -122,6 +143,8 @@ def run(params: Params) -> None:
             log.info("iteration %d: reward %.3f, KL %.3f, entropy %.3f, clip %.3f, value loss %.4f, approx KL %.4f, length %.1f",
                      iteration, stats["reward"], stats["kl"], stats["entropy"], stats["clip_fraction"], stats["value_loss"],
                      stats["approx_kl"], stats["response_length"])
+            if (iteration + 1) % cfg.save_every == 0 and iteration + 1 < cfg.iterations:
+                write_checkpoint(checkpoints.run_dir, iteration + 1, lambda tmp: write_state(tmp, iteration + 1))
         align.wall = time.perf_counter() - started
     after = held_out_reward()
     first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4) :]
@@ -131,6 +154,7 @@ def run(params: Params) -> None:
         "train_reward_last_quarter": sum(h["reward"] for h in last) / len(last),
         "final_kl": history[-1]["kl"], "final_beta": history[-1]["beta"], "iterations": cfg.iterations,
         "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts),
+        "resumed_from_iteration": checkpoints.resumed_from_step,
         # policy + reference (0 extra with LoRA) + reward model + value model
         "model_copies": (3 if cfg.method == "lora" else 4),
     })

@@ -9,6 +9,8 @@ Writes: `paths.reward_model/`: a plain `AutoModelForSequenceClassification` chec
         (LoRA merged in) + tokenizer + `alignflow_model.json`; `<paths.metrics>/reward_model.json`;
         `<paths.plots>/reward_model/rewards.json` (each eval pair's two rewards, a scatter for `dvc plots`) and
         `reward_distributions.png`; training curves under `<paths.dvclive>/reward_model/`.
+Keeps:  trainer checkpoints every `reward_model.save_steps` under `<paths.checkpoints>/reward_model/<run key>/`
+        (alignflow.checkpoints), so a killed run resumes; deleted once the stage has finished.
 
 Loss: -log sigmoid(r_chosen - r_rejected) (+ c * mean((r_chosen + r_rejected)^2) to centre the rewards).
 Methods: `full` (every weight) or `lora` (LoRA on the backbone; the score head always trains fully).
@@ -29,7 +31,9 @@ from typing import Any
 import torch
 
 from alignflow.alignment import load_preference_splits
+from alignflow.checkpoints import Checkpoints, hf_callbacks, open_checkpoints, whole_run_train_loss
 from alignflow.io import InputError, atomic_path, dump_json
+from alignflow.launch import is_main_process, per_device_batch, world_size
 from alignflow.models import Source, load_tokenizer, pick_device_dtype
 from alignflow.params import Params
 from alignflow.reward import conversation_ids, from_causal_lm, score
@@ -91,21 +95,21 @@ def plot_distributions(chosen: list[float], rejected: list[float], out: Path) ->
     plt.close(fig)
 
 
-def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, device: str):
+def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, device: str, checkpoints: Checkpoints):
     from datasets import Dataset
-    from dvclive import Live
     from peft import LoraConfig
-    from transformers.integrations import DVCLiveCallback
     from trl import RewardConfig, RewardTrainer
 
     cfg = params.reward_model
     config = RewardConfig(
-        output_dir=str(Path(params.paths.checkpoints) / "reward_model"), num_train_epochs=cfg.epochs,
+        output_dir=str(checkpoints.run_dir), num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        per_device_train_batch_size=per_device_batch("reward_model", cfg.batch_size),
+        per_device_eval_batch_size=cfg.batch_size,  # evaluation: the same batches as one process
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards_coefficient or None,
-        eval_strategy="epoch", logging_steps=1, save_strategy="no", report_to="none", seed=params.seed,
+        eval_strategy="epoch", logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        report_to="none", seed=params.seed,
         data_seed=params.seed, use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0,
         activation_checkpointing=False,
     )
@@ -113,10 +117,10 @@ def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, device
     if cfg.method == "lora":
         peft_config = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=list(cfg.lora_target_modules), modules_to_save=["score"])
-    live = Live(dir=str(Path(params.paths.dvclive) / "reward_model"), dvcyaml=False, save_dvc_exp=False, resume=False)
     keep = ["chosen_ids", "rejected_ids"]
     return RewardTrainer(
-        model=model, args=config, processing_class=tokenizer, peft_config=peft_config, callbacks=[DVCLiveCallback(live=live)],
+        model=model, args=config, processing_class=tokenizer, peft_config=peft_config,
+        callbacks=hf_callbacks(Path(params.paths.dvclive) / "reward_model", checkpoints.resume),
         train_dataset=Dataset.from_list([{k: r[k] for k in keep} for r in train_rows]),
         eval_dataset=Dataset.from_list([{k: r[k] for k in keep} for r in eval_rows]),
     )
@@ -135,7 +139,8 @@ def run(params: Params) -> None:
     device, dtype = pick_device_dtype()
     model = from_causal_lm(paths.sft_model, dtype=dtype).to(device)
     model.config.pad_token_id = tokenizer.pad_token_id
-    trainer = make_trainer(params, model, tokenizer, train_rows, eval_rows, device)
+    checkpoints = open_checkpoints(params, "reward_model", [paths.pairs, paths.sft_model])
+    trainer = make_trainer(params, model, tokenizer, train_rows, eval_rows, device, checkpoints)
     log.info("reward model (%s) on %s: %d train / %d eval pairs (%d longer than %d tokens dropped)",
              cfg.method, device, len(train_rows), len(eval_rows), dropped, cfg.max_length)
 
@@ -147,7 +152,7 @@ def run(params: Params) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = trainer.train()
+    trainer.train(resume_from_checkpoint=str(checkpoints.resume) if checkpoints.resume else None)
     wall = time.perf_counter() - started
     eval_chosen, eval_rejected = measure(eval_rows)
     held_out = pairwise_metrics(eval_rows, eval_chosen, eval_rejected, params.seed)
@@ -159,11 +164,14 @@ def run(params: Params) -> None:
     metrics = {
         "method": cfg.method, **{f"eval_{k}": v for k, v in held_out.items()},
         "eval_accuracy_before_training": before["accuracy"], "train_accuracy": train_acc,
-        "train_loss": result.training_loss, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
-        "pairs_dropped_too_long": dropped, "steps": trainer.state.global_step, "wall_seconds": wall,
+        "train_loss": whole_run_train_loss(trainer.state), "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+        "pairs_dropped_too_long": dropped, "steps": trainer.state.global_step,
+        "resumed_from_step": checkpoints.resumed_from_step, "wall_seconds": wall,
         "peak_memory_mb": peak_mb, "peak_memory_kind": "cuda_allocated" if device == "cuda" else "process_max_rss",
-        "device": device,
+        "device": device, "processes": world_size(),
     }
+    if not is_main_process():
+        return  # under accelerate launch rank 0 writes the outputs
     plots = Path(paths.plots) / "reward_model"
     with (atomic_path(paths.reward_model) as tmp, atomic_path(Path(paths.metrics) / "reward_model.json") as tmp_metrics,
           atomic_path(plots / "rewards.json") as tmp_rewards, atomic_path(plots / "reward_distributions.png") as tmp_png):
@@ -173,6 +181,7 @@ def run(params: Params) -> None:
         dump_json(metrics, tmp_metrics)
         dump_json([{"pair": i, "chosen": c, "rejected": r} for i, (c, r) in enumerate(zip(eval_chosen, eval_rejected))], tmp_rewards)
         plot_distributions(eval_chosen, eval_rejected, tmp_png)
+    checkpoints.finish()
     log.info("reward model: held-out accuracy %.3f (before training %.3f; longer-response baseline %.3f, random %.3f), "
              "mean margin %.3f, %.0f s", held_out["accuracy"], before["accuracy"], held_out["baseline_longer_accuracy"],
              held_out["baseline_random_accuracy"], held_out["mean_margin"], wall)

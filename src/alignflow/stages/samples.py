@@ -73,7 +73,7 @@ def response_id(pid: str, text: str) -> str:
 
 
 def run(params: Params) -> None:
-    from alignflow.generation import TransformersGenerator
+    from alignflow.generation import local_generator
 
     cfg, paths = params.samples, params.paths
     source = paths.prompts if cfg.prompts == "file" else paths.eval
@@ -84,8 +84,8 @@ def run(params: Params) -> None:
     if not prompts:
         raise InputError(f"{source}: no prompts")
 
-    generator = TransformersGenerator(paths.sft_model, temperature=cfg.temperature, top_p=cfg.top_p,
-                                      batch_size=cfg.batch_size, chat_template=True)
+    generator = local_generator(cfg.backend, paths.sft_model, temperature=cfg.temperature, top_p=cfg.top_p,
+                                batch_size=cfg.batch_size, chat_template=True, seed=params.seed)
     started = time.perf_counter()
     repeated = [p["prompt"] for p in prompts for _ in range(cfg.num_responses)]
     texts = generator.generate(repeated, max_new_tokens=cfg.max_new_tokens, seed=params.seed)

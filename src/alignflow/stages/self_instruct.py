@@ -32,7 +32,7 @@ from typing import Any
 from tqdm import tqdm
 
 from alignflow import contracts
-from alignflow.generation import Generator, OpenAIGenerator, TransformersGenerator
+from alignflow.generation import Generator, OpenAIGenerator, local_generator
 from alignflow.io import InputError, atomic_path, check_fields, dump_json, dump_jsonl, read_jsonl
 from alignflow.params import Params, SelfInstructParams
 
@@ -161,14 +161,14 @@ def _until_next_field(text: str) -> str:
 # --- the stage ---
 
 
-def make_generator(si: SelfInstructParams, base_model: str) -> Generator:
+def make_generator(si: SelfInstructParams, base_model: str, seed: int) -> Generator:
     if si.backend == "openai":
         if not si.api_base or not si.generator:
             raise InputError("params.yaml: self_instruct: backend 'openai' needs api_base and generator (the served model name)")
         return OpenAIGenerator(si.generator, api_base=si.api_base, api_key_env=si.api_key_env,
                                temperature=si.temperature, top_p=si.top_p, concurrency=si.batch_size)
-    return TransformersGenerator(si.generator or base_model, temperature=si.temperature, top_p=si.top_p,
-                                 batch_size=si.batch_size, chat_template=si.chat_template)
+    return local_generator(si.backend, si.generator or base_model, temperature=si.temperature, top_p=si.top_p,
+                           batch_size=si.batch_size, chat_template=si.chat_template, seed=seed)
 
 
 def _normalise(text: str) -> str:
@@ -213,7 +213,7 @@ def run(params: Params) -> None:
     if len(seeds) < si.num_prompt_instructions:
         raise InputError(f"{paths.seeds}: {len(seeds)} seed tasks, fewer than self_instruct.num_prompt_instructions={si.num_prompt_instructions}")
     rng = random.Random(params.seed)
-    gen = make_generator(si, paths.base_model)
+    gen = make_generator(si, paths.base_model, params.seed)
 
     pool = generate_instructions(gen, seeds, si, rng, params.seed)
     if not pool:

@@ -9,8 +9,9 @@ Writes: `paths.sft_model/` - a plain checkpoint (full, or LoRA with `lora_merge`
         template and `alignflow_model.json` saying which (load any of them with
         `alignflow.models.load_trained`); `<paths.metrics>/sft.json`; training curves under
         `<paths.dvclive>/sft/` (DVCLive, drawn by `dvc plots show`).
-Keeps:  trainer checkpoints under `<paths.checkpoints>/sft/<run key>/` (not a DVC output, so a killed
-        run resumes from its last checkpoint; the key changes with params and data).
+Keeps:  trainer checkpoints every `sft.save_steps` under `<paths.checkpoints>/sft/<run key>/` (not a DVC
+        output, so a killed run resumes from its last checkpoint; the key changes with params, seed, data and
+        base model: alignflow.checkpoints), deleted once the stage has finished.
 
 The loss is on the response tokens only: each example is a conversational prompt / completion pair,
 which TRL renders with the chat template and masks. Methods (`sft.method`):
@@ -23,20 +24,18 @@ which TRL renders with the chat template and masks. Methods (`sft.method`):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import resource
-import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alignflow.checkpoints import hf_callbacks, open_checkpoints, whole_run_train_loss
 from alignflow.io import InputError, atomic_path, dump_json, read_jsonl
+from alignflow.launch import is_main_process, per_device_batch, undo_eval_only_prepare, world_size
 from alignflow.models import Source, load_tokenizer, pick_device_dtype
 from alignflow.params import Params, SftParams
 
@@ -105,28 +104,12 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def run_key(params: Params) -> str:
-    """Checkpoints belong to one exact run: the SFT params, the seed, the data and the base model."""
-    digest = hashlib.sha256(json.dumps([asdict(params.sft), params.seed], sort_keys=True).encode())
-    for path in (params.paths.train, params.paths.eval, Path(params.paths.base_model) / "config.json"):
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (trainer_state.json is written last), if any."""
-    steps = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")
-             if p.name.split("-")[1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(steps)[1] if steps else None
-
-
 # --- train ---
 
 
-def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, run_dir: Path, device: str):
+def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, run_dir: Path, device: str,
+                 resume: Path | None = None):
     from datasets import Dataset
-    from dvclive import Live
-    from transformers.integrations import DVCLiveCallback
     from trl import SFTConfig
 
     from alignflow.sft_trainer import AlignflowSFTTrainer
@@ -134,7 +117,8 @@ def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, run_di
     sft = params.sft
     config = SFTConfig(
         output_dir=str(run_dir), num_train_epochs=sft.epochs, learning_rate=sft.lr, warmup_steps=sft.warmup_ratio,
-        weight_decay=sft.weight_decay, per_device_train_batch_size=sft.batch_size, per_device_eval_batch_size=sft.batch_size,
+        weight_decay=sft.weight_decay, per_device_train_batch_size=per_device_batch("sft", sft.batch_size),
+        per_device_eval_batch_size=sft.batch_size,  # evaluation: the same batches as one process, so the same eval_loss
         gradient_accumulation_steps=sft.gradient_accumulation_steps, max_length=sft.max_length,
         eval_strategy="epoch", logging_steps=1, save_strategy="steps", save_steps=sft.save_steps, save_total_limit=2,
         report_to="none", seed=params.seed, data_seed=params.seed, use_cpu=device == "cpu", bf16=device == "cuda",
@@ -142,10 +126,9 @@ def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, run_di
         # TRL turns this on by default; it drops the past key values that prefix tuning feeds the model
         activation_checkpointing=False,
     )
-    live = Live(dir=str(Path(params.paths.dvclive) / "sft"), dvcyaml=False, save_dvc_exp=False, resume=False)
     return AlignflowSFTTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows),
-        processing_class=tokenizer, callbacks=[DVCLiveCallback(live=live)],
+        processing_class=tokenizer, callbacks=hf_callbacks(Path(params.paths.dvclive) / "sft", resume),
         l2_to_pretrained=sft.l2_to_pretrained if sft.method == "full" else 0.0,
         plain_forward=sft.method == "prefix",
     )
@@ -193,34 +176,45 @@ def run(params: Params) -> None:
     log.info("sft %s on %s (%s): %s of %s parameters trainable (%.3f%%), %d train / %d eval examples",
              sft.method, device, dtype, f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(train_rows), len(eval_rows))
 
-    run_dir = Path(paths.checkpoints) / "sft" / run_key(params)
-    resume = last_checkpoint(run_dir)
-    log.info("resuming from %s" % resume if resume else "starting fresh; checkpoints go to %s" % run_dir)
-    trainer = make_trainer(params, model, tokenizer, train_rows, eval_rows, run_dir, device)
+    checkpoints = open_checkpoints(params, "sft", [paths.train, paths.eval, paths.base_model])
+    resume = checkpoints.resume
+    trainer = make_trainer(params, model, tokenizer, train_rows, eval_rows, checkpoints.run_dir, device, resume)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    eval_before = trainer.evaluate()["eval_loss"]
+    if resume:  # the curves from the checkpoint already start with this evaluation: do not log it again
+        from transformers.integrations import DVCLiveCallback
+
+        live_callback = trainer.pop_callback(DVCLiveCallback)
+        eval_before = trainer.evaluate()["eval_loss"]
+        if live_callback:  # only rank 0 has one under accelerate launch
+            trainer.add_callback(live_callback)
+    else:
+        eval_before = trainer.evaluate()["eval_loss"]
+    undo_eval_only_prepare(trainer)  # else, on several processes, train() would not sync their gradients
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall = time.perf_counter() - started
     evaluation = trainer.evaluate()
 
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * sft.epochs
+    tokens *= 1 - checkpoints.resumed_from_step / max(trainer.state.global_step, 1)  # those trained in this call
     peak_mb = (torch.cuda.max_memory_allocated() if device == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     metrics = {
-        "method": sft.method, "train_loss": result.training_loss,
+        "method": sft.method, "train_loss": whole_run_train_loss(trainer.state),
         "eval_loss_before": eval_before, "eval_loss": evaluation["eval_loss"],
         "eval_perplexity": math.exp(min(evaluation["eval_loss"], 50)),
         "trainable_parameters": trainable, "total_parameters": total, "trainable_percent": 100 * trainable / total,
         "model_memory_mb": trainer.model.get_memory_footprint() / 2**20,
         "peak_memory_mb": peak_mb, "peak_memory_kind": "cuda_allocated" if device == "cuda" else "process_max_rss",
         "tokens_per_second": tokens / wall, "wall_seconds": wall, "steps": trainer.state.global_step,
-        "resumed_from_step": int(resume.name.split("-")[1]) if resume else 0, "device": device,
+        "resumed_from_step": checkpoints.resumed_from_step, "device": device, "processes": world_size(),
     }
+    if not is_main_process():
+        return  # under accelerate launch rank 0 writes the outputs
     with atomic_path(paths.sft_model) as tmp, atomic_path(Path(paths.metrics) / "sft.json") as tmp_metrics:
         kind = save_checkpoint(sft, trainer.model, tokenizer, tmp, paths.base_model)
         dump_json(metrics, tmp_metrics)
-    shutil.rmtree(run_dir, ignore_errors=True)  # finished: the checkpoints for resuming are not needed any more
+    checkpoints.finish()  # the checkpoints for resuming are not needed any more
     log.info("wrote %s (%s): eval loss %.4f, perplexity %.2f, %.0f tokens/s, %.0f s",
              paths.sft_model, kind, metrics["eval_loss"], metrics["eval_perplexity"], metrics["tokens_per_second"], wall)
