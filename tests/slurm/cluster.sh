@@ -11,8 +11,8 @@
 # default place. An /etc/slurm/slurm.conf that is not this script's link is never touched (start fails instead).
 #
 # Needs root and Debian's slurm-wlm and munge (`bash setup.sh test` installs them). Without slurmdbd there is no
-# accounting: `sacct` fails, so Snakemake's Slurm plugin must poll with `squeue` (MinJobAge=600 keeps finished jobs
-# visible to squeue and `scontrol show job` for 10 minutes). The node declares more CPUs and memory than this
+# accounting: `sacct` fails, so Snakemake's Slurm plugin must poll with `squeue` (MinJobAge=7200 keeps finished jobs
+# visible to squeue and `scontrol show job` for 2 hours, longer than the test run). The node declares more CPUs and memory than this
 # machine has (SlurmdParameters=config_overrides) so that the jobs' real requests (8 CPUs per GPU, GBs of memory)
 # are accepted; they then share the real cores.
 set -euo pipefail
@@ -75,7 +75,7 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1000
-MinJobAge=600
+MinJobAge=7200
 ReturnToService=2
 MpiDefault=none
 MailProg=/bin/true
