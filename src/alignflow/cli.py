@@ -88,11 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         relaunched = launch.relaunch(args.params, args.stage, params)  # None: run the stage in this process
-        if relaunched:
-            log.error("accelerate launch exited %d; the ranks' messages are above", relaunched)
-            return relaunched
-        elif relaunched == 0:
-            pass  # the launched processes ran the stage
+        if relaunched is not None:  # the launched processes ran the stage
+            if relaunched:
+                log.error("accelerate launch exited %d; the ranks' messages are above", relaunched)
+                return relaunched
         elif args.stage == "import-preferences":
             from alignflow.pairs import import_file
 
