@@ -3,6 +3,7 @@
     alignflow self_instruct                 # reads ./params.yaml
     alignflow filter --params other.yaml
     alignflow evaluate dpo                  # the evaluate stage takes the model's name
+    alignflow annotate rank                 # not a stage: a web page for people's rankings / A/B answers
 
 Each stage logs to `<paths.logs>/<stage>.log` (declared in dvc.yaml, so DVC and Snakemake both know
 it) and to stderr. Bad input (params, seed files, data contracts) ends with one clear message and
@@ -75,14 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("input", help="JSONL: prompt/chosen/rejected strings, chosen/rejected message lists, or HH transcripts")
     imp.add_argument("output", help="where to write the pairs (JSONL)")
     imp.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts in the eval split")
+    annotate = sub.add_parser("annotate", help="a local web page for people to rank samples or A/B-test two models")
+    annotate.add_argument("mode", choices=("rank", "ab"), help="rank: the samples stage's responses; ab: two models' answers")
+    annotate.add_argument("model", nargs="?", help="ab: the model to test (a name in evaluate.models)")
+    annotate.add_argument("--against", help="ab: the model to test it against (default: the reference, the SFT model)")
+    annotate.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; elsewhere a token is required)")
+    annotate.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free one)")
+    annotate.add_argument("--token", help="the token for a non-local bind (default: a random one, printed in the URL)")
+    annotate.add_argument("--limit", type=int, help="annotate only the first N items of the seeded order")
     args = parser.parse_args(argv)
+    if args.stage == "annotate" and (args.mode == "ab") != (args.model is not None):
+        parser.error("annotate: ab takes the model to test (alignflow annotate ab dpo); rank takes none")
 
     try:
         params = load_params(args.params)
     except ParamsError as err:
         print(f"alignflow {args.stage}: {err}", file=sys.stderr)
         return 2
-    log_name = f"evaluate/{args.model}" if args.stage == "evaluate" else args.stage
+    log_name = {"evaluate": f"evaluate/{args.model}", "annotate": f"annotate-{args.mode}"}.get(args.stage, args.stage)
     _setup_logging(Path(params.paths.logs) / f"{log_name}.log")
     log = logging.getLogger(f"alignflow.{args.stage}")
     started = time.perf_counter()
@@ -96,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             from alignflow.pairs import import_file
 
             import_file(args.input, args.output, seed=params.seed, eval_fraction=args.eval_fraction)
+        elif args.stage == "annotate":
+            from alignflow.annotate import serve
+
+            serve(params, args.mode, args.model, args.against, args.host, args.port, args.token, args.limit)
         elif args.stage == "evaluate":
             from alignflow.stages.evaluate import run
 

@@ -47,6 +47,7 @@ class PathParams:
     sft_model: str
     prompts: str
     annotations: str
+    ab_annotations: str
     samples: str
     judgements: str
     pairs: str
@@ -150,6 +151,7 @@ class SamplesParams:
 class PreferencesParams:
     judge: str
     tie_breaker: str | None
+    agreement_judge: str | None
     eval_fraction: float
     principles: tuple[str, ...]
     judge_backend: str

@@ -3,7 +3,8 @@
     alignflow compare                   # reads params.yaml: seed, evaluate, preferences, paths
 
 Reads:  `<paths.evaluation>/<model>.jsonl` and `<paths.metrics>/evaluate/<model>.json` for each model of
-        `evaluate.models` (the evaluate@<model> stages); `paths.refusal_examples`.
+        `evaluate.models` (the evaluate@<model> stages); `paths.refusal_examples`; people's A/B answers in
+        `paths.ab_annotations` (alignflow.annotations).
 Writes: `<paths.metrics>/evaluation.json` (the summary: one entry per model, DVC metrics), `paths.verdicts`
         (every comparison and how it was decided), and under `<paths.plots>/evaluation/`: win_rates.json,
         refusal.json, rewards.json (dvc plots) and win_rates.png, rewards.png, refusal.png (the report's figures).
@@ -13,8 +14,12 @@ default), judged by the preference stage's judge (`preferences.judge`):
   ai            asked in both orders; a preference that does not survive the swap is a tie, which
                 `preferences.tie_breaker: rules` settles as in the preference stage; constitution uses the same judge
   rules         the higher rules score wins, an equal score is a tie (the order cannot matter)
-  human         people's A/B answers are not wired in yet; the rules judge stands in and the summary says so
+  human         people's A/B answers (`alignflow annotate ab <model>`, in `paths.ab_annotations`): per prompt the
+                majority of the annotators, over the prompts they answered; a model nobody A/B-tested falls back
+                to the rules (each model's `judged_by` says which)
 Identical responses are a tie without asking. Ties are counted apart: win + tie + loss = 1.
+Whatever the judge, a model with people's A/B answers also gets a `human` block: their win rates, how often
+the annotators agree, and how often they agree with `preferences.agreement_judge` on the same prompts.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from alignflow.annotations import ab_answers, between_annotators, majority, with_judge
 from alignflow.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
 from alignflow.judges import compare_both_orders, pairwise_judge, rule_checks, rule_score
 from alignflow.params import Params
@@ -56,10 +62,10 @@ def refusal_detector_accuracy(path: str) -> dict[str, Any]:
     return result
 
 
-def judge_outcomes(model: str, records: list[dict], reference: list[dict], params: Params) -> tuple[list[str], list[dict]]:
-    """Win / tie / loss of `model`'s response against the reference's for each prompt, and the verdicts."""
+def judge_outcomes(model: str, records: list[dict], reference: list[dict], params: Params, kind: str) -> tuple[list[str], list[dict]]:
+    """Win / tie / loss of `model`'s response against the reference's for each prompt, and the verdicts, by the
+    `ai` judge (constitution uses it too) or the `rules`."""
     cfg = params.preferences
-    kind = "rules" if cfg.judge in ("rules", "human") else "ai"
     ref_by_id = {r["id"]: r for r in reference}
 
     def rule_scores(record: dict) -> tuple[int, int]:  # (this model's, the reference's)
@@ -95,6 +101,34 @@ def judge_outcomes(model: str, records: list[dict], reference: list[dict], param
     ordered = [outcomes[i] for i in range(len(records))]
     return ordered, [{"model": model, "reference": params.reference_model, "prompt_id": r["id"], "outcome": o,
                       "judge": verdicts[i]} for i, (r, o) in enumerate(zip(records, ordered))]
+
+
+def human_outcomes(model: str, records: list[dict], reference: list[dict], params: Params) -> dict[str, Any] | None:
+    """People's A/B answers for `model` against the reference (alignflow.annotations), or None if there are none:
+    the per-item majority outcome, the win rates over the answered items (identical responses, never shown,
+    count as ties as for the judges), agreement between annotators and with `preferences.agreement_judge`."""
+    ref_by_id = {r["id"]: r for r in reference}
+    texts = {r["id"]: {model: r["response"], params.reference_model: ref_by_id[r["id"]]["response"]} for r in records}
+    answers, stale = ab_answers(params.paths.ab_annotations, model, params.reference_model, texts)
+    for where in stale:
+        log.warning("%s: an A/B answer about responses that changed since (evaluate reran): left out", where)
+    if not answers:
+        return None
+    each: dict[str, dict[str, str]] = {}
+    for answer in answers:
+        each.setdefault(answer["annotator"], {})[answer["item"]] = answer["outcome"]
+    answered = sorted({a["item"] for a in answers})
+    outcome = {item: majority([a["outcome"] for a in answers if a["item"] == item]) for item in answered}
+    identical = [r["id"] for r in records if r["response"] == ref_by_id[r["id"]]["response"]]
+    result = {**win_rates([outcome[i] for i in answered] + ["tie"] * len(identical)), "answers": len(answers),
+              "annotators": len(each), "stale_answers": len(stale), "agreement_between_annotators": between_annotators(each)}
+    kind = params.preferences.agreement_judge
+    if kind:
+        subset = [r for r in records if r["id"] in outcome]
+        judged, _ = judge_outcomes(model, subset, reference, params, kind)
+        result[f"agreement_with_{kind}_judge"] = with_judge(outcome, {r["id"]: o for r, o in zip(subset, judged)})
+    result["outcomes"] = outcome
+    return result
 
 
 def read_model(params: Params, name: str) -> tuple[list[dict], dict]:
@@ -153,6 +187,7 @@ def run(params: Params) -> None:
     reference_records = loaded[params.reference_model][0]
     ids = [r["id"] for r in reference_records]
     summary, all_verdicts, rewards = {}, [], {}
+    judge = params.preferences.judge
     for name, (records, metrics) in loaded.items():
         if [r["id"] for r in records] != ids:
             raise InputError(f"{paths.evaluation}/{name}.jsonl: not the same prompts as {params.reference_model}'s; rerun evaluate@{name}")
@@ -161,17 +196,26 @@ def run(params: Params) -> None:
         if "base" in loaded:
             entry["perplexity_ratio_to_base"] = metrics["perplexity"] / loaded["base"][1]["perplexity"]
         if name != params.reference_model:
-            outcomes, verdicts = judge_outcomes(name, records, reference_records, params)
-            entry.update(win_rates(outcomes))
-            all_verdicts += verdicts
+            human = human_outcomes(name, records, reference_records, params)
+            if judge == "human" and human:
+                entry.update({k: human[k] for k in ("win_rate", "tie_rate", "loss_rate", "win_rate_without_ties", "comparisons")})
+                entry["judged_by"] = "human"
+                all_verdicts += [{"model": name, "reference": params.reference_model, "prompt_id": i, "outcome": o,
+                                  "judge": {"kind": "human", "majority_of": human["annotators"]}} for i, o in human["outcomes"].items()]
+            else:
+                kind = "ai" if judge in ("ai", "constitution") else "rules"
+                outcomes, verdicts = judge_outcomes(name, records, reference_records, params, kind)
+                entry.update(win_rates(outcomes))
+                entry["judged_by"] = kind if judge != "human" else "rules (no human A/B answers for this model)"
+                all_verdicts += verdicts
+            if human:
+                entry["human"] = {k: v for k, v in human.items() if k != "outcomes"}
         summary[name] = entry
         rewards[name] = [r["reward"] for r in records]
         log.info("%s: %s", name, ", ".join(f"{k} {v:.3g}" for k, v in entry.items() if isinstance(v, float)))
 
-    judge = params.preferences.judge
     result = {
-        "reference": params.reference_model, "prompts": len(ids),
-        "judge": judge if judge != "human" else "rules (stands in for human: A/B answers by people are not wired in yet)",
+        "reference": params.reference_model, "prompts": len(ids), "judge": judge,
         "refusal_detector": refusal_detector_accuracy(paths.refusal_examples),
         "models": summary,
     }

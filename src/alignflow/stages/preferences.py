@@ -18,8 +18,9 @@ Judges (`preferences.judge`; see alignflow.judges):
   rules         checks that need no model (non-empty, no degenerate repetition, language of the prompt, length
                 band, refuses harmful / answers benign prompts); the score ranks the K responses, equal scores tie.
   constitution  critique each response by a principle (drawn with the seed), revise it; revision > original.
-  human         rankings people wrote, one JSON line each: {"prompt_id", "ranking": [response ids, best first; a
-                list of ids is a tie], "annotator"}. Several annotators: each pair goes the majority's way.
+  human         people's rankings in `paths.annotations` (`alignflow annotate rank` writes them; the format is in
+                alignflow.annotations). Several annotators: each pair goes the majority's way, an even split is a
+                tie. Agreement between annotators and with `agreement_judge` (on the same pairs) is reported.
 A ranking of K responses gives all K*(K-1)/2 pairs (InstructGPT); ties give none.
 """
 
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from alignflow import contracts
+from alignflow.annotations import between_annotators, preference_sets, rank_answers, with_judge
 from alignflow.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
 from alignflow.judges import (compare_both_orders, critique_prompt, judge_model, pairwise_judge, request_text,
                               revision_prompt, rule_checks, rule_score)
@@ -144,39 +146,62 @@ def by_constitution(samples, cfg: PreferencesParams, paths: PathParams, seed: in
 
 
 def by_human(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
-    files = sorted(Path(paths.annotations).glob("*.jsonl"))
-    if not files:
-        raise InputError(f"{paths.annotations}: no *.jsonl rankings (preferences.judge: human reads them)")
+    """People's rankings (alignflow.annotations: the logs `alignflow annotate rank` writes, or short hand-written
+    lines). Each ranking gives all its (better, worse) pairs; with several annotators each pair goes the
+    majority's way and an even split is a tie (no pair). Agreement between annotators, and with
+    `agreement_judge` on the same response pairs, goes into the metrics."""
+    if not Path(paths.annotations).is_dir() or not any(Path(paths.annotations).glob("*.jsonl")):
+        raise InputError(f"{paths.annotations}: no *.jsonl rankings (preferences.judge: human reads them; "
+                         "`alignflow annotate rank` writes them)")
     by_pid = {s["prompt_id"]: s for s in samples}
-    votes: dict[tuple[str, str, str], Counter] = {}  # (prompt_id, a, b) with a < b -> votes for a, for b
-    judgements, annotators = [], set()
-    for file in files:
-        for line, record in read_jsonl(file, {"prompt_id": str, "ranking": list, "annotator": str}):
-            where = f"{file}:{line}"
-            sample = by_pid.get(record["prompt_id"])
-            if sample is None:
-                raise InputError(f"{where}: field 'prompt_id': {record['prompt_id']!r} is not in {paths.samples}")
-            tiers = [t if isinstance(t, list) else [t] for t in record["ranking"]]
-            ids = [i for t in tiers for i in t]
-            known = {r["id"] for r in sample["responses"]}
-            if len(set(ids)) != len(ids) or not set(ids) <= known:
-                raise InputError(f"{where}: field 'ranking': response ids must be distinct ids of this prompt's responses "
-                                 f"({', '.join(sorted(known))})")
-            annotators.add(record["annotator"])
-            judgements.append({"prompt_id": record["prompt_id"], "judge": "human", "annotator": record["annotator"],
-                               "ranking": tiers, "source": f"{file.name}:{line}"})
-            for better, worse in ranking_to_pairs(tiers):
-                a, b = sorted((better, worse))
-                votes.setdefault((record["prompt_id"], a, b), Counter())[better] += 1
-    pairs = []
-    for (pid, a, b), count in sorted(votes.items()):
-        if count[a] == count[b]:
+    answers, stale = rank_answers(paths.annotations, by_pid)
+    for where in stale:
+        log.warning("%s: a ranking of responses no longer in %s (resampled?): left out", where, paths.samples)
+    if not answers:
+        raise InputError(f"{paths.annotations}: no ranking of the current samples ({len(stale)} stale ones left out)")
+    judgements = [{"prompt_id": a["item"], "judge": "human", "annotator": a["annotator"], "ranking": a["tiers"], "source": a["where"]}
+                  for a in answers]
+    each = preference_sets(answers)  # annotator -> {(prompt_id, a, b): +1 | -1}
+    votes: dict[tuple[str, str, str], int] = {}
+    for prefs in each.values():
+        for key, sign in prefs.items():
+            votes[key] = votes.get(key, 0) + sign
+    pairs, people = [], {}
+    for (pid, a, b), total in sorted(votes.items()):
+        if total == 0:
             continue  # annotators split evenly: a tie
-        winner, loser = (a, b) if count[a] > count[b] else (b, a)
+        people[(pid, a, b)] = 1 if total > 0 else -1
+        winner, loser = (a, b) if total > 0 else (b, a)
         text = {r["id"]: r["text"] for r in by_pid[pid]["responses"]}
-        pairs.append(make_pair(by_pid[pid]["prompt"], text[winner], text[loser],
-                               {"kind": "human", "votes_for": count[winner], "votes_against": count[loser]}))
-    return pairs, judgements, {"rankings": len(judgements), "annotators": len(annotators)}
+        ballots = [p[(pid, a, b)] for p in each.values() if (pid, a, b) in p]
+        pairs.append(make_pair(by_pid[pid]["prompt"], text[winner], text[loser], {
+            "kind": "human", "votes_for": ballots.count(people[(pid, a, b)]), "votes_against": ballots.count(-people[(pid, a, b)])}))
+    metrics = {"rankings": len(answers), "annotators": len(each), "stale_rankings": len(stale),
+               "agreement_between_annotators": between_annotators(each)}
+    if cfg.agreement_judge:
+        metrics[f"agreement_with_{cfg.agreement_judge}_judge"] = with_judge(people, judge_preferences(
+            sorted(people), by_pid, cfg, paths, seed))
+    return pairs, judgements, metrics
+
+
+def judge_preferences(keys, by_pid, cfg: PreferencesParams, paths: PathParams, seed: int) -> dict[tuple[str, str, str], int]:
+    """`cfg.agreement_judge`'s preference on each (prompt_id, a, b): +1 for a, -1 for b; its ties are left out."""
+    out = {}
+    if cfg.agreement_judge == "rules":
+        for pid, a, b in keys:
+            sample, text = by_pid[pid], {r["id"]: r["text"] for r in by_pid[pid]["responses"]}
+            score = [rule_score(rule_checks(request_text(sample["prompt"]), text[i], sample["harmful"], cfg.rules_min_tokens,
+                                            cfg.rules_max_tokens)) for i in (a, b)]
+            if score[0] != score[1]:
+                out[(pid, a, b)] = 1 if score[0] > score[1] else -1
+        return out
+    text = {pid: {r["id"]: r for r in s["responses"]} for pid, s in by_pid.items()}
+    results = compare_both_orders(pairwise_judge(cfg, paths, seed), cfg.principles,
+                                  [(by_pid[pid]["prompt"], text[pid][a], text[pid][b]) for pid, a, b in keys])
+    for key, result in zip(keys, results):
+        if result["winner"] is not None:
+            out[key] = 1 if result["winner"] == key[1] else -1
+    return out
 
 
 JUDGES = {"ai": by_ai, "rules": by_rules, "constitution": by_constitution, "human": by_human}
