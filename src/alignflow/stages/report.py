@@ -56,6 +56,25 @@ def model_table(result: dict[str, Any], order: list[str]) -> list[str]:
     return rows
 
 
+def human_section(result: dict[str, Any], order: list[str]) -> list[str]:
+    """People's A/B answers (`alignflow annotate ab <model>`), where there are any."""
+    rows = [f"| model | win / tie / loss vs {result['reference']} | prompts | answers | annotators | agreement between them "
+            "(kappa) | agreement with the judge (kappa) |", "|---|---|---|---|---|---|---|"]
+    for name in order:
+        h = result["models"][name].get("human")
+        if h:
+            between = h["agreement_between_annotators"]
+            judged = next((v for k, v in h.items() if k.startswith("agreement_with_")), {})
+            rows.append(f"| {name} | {fmt(h['win_rate'], 2)} / {fmt(h['tie_rate'], 2)} / {fmt(h['loss_rate'], 2)} | {h['comparisons']} | "
+                        f"{h['answers']} | {h['annotators']} | {fmt(between['agreement'], 2)} ({fmt(between['kappa'], 2)}) on "
+                        f"{between['shared']} | {fmt(judged.get('agreement'), 2)} ({fmt(judged.get('kappa'), 2)}) on {judged.get('shared', 0)} |")
+    if len(rows) == 2:
+        return []
+    return ["## People's A/B answers", "", *rows, "",
+            "From `alignflow annotate ab <model>` (data/ab_annotations/): per prompt the annotators' majority; identical "
+            "responses count as ties. Agreement: the share of shared prompts with the same answer.", ""]
+
+
 def cost_table(metrics_dir: Path) -> list[str]:
     rows = ["| stage | wall time | peak memory | models held | result |", "|---|---|---|---|---|"]
     for stage, (file, shown) in TRAINING.items():
@@ -176,6 +195,7 @@ def run(params: Params) -> None:
         f"![win, tie and loss rates]({rel / 'win_rates.png'})", "",
         f"![reward distributions]({rel / 'rewards.png'})", "",
         f"![refusal rates]({rel / 'refusal.png'})", "",
+        *human_section(result, order),
         "## What training cost", "", *cost_table(Path(paths.metrics)), "",
         "Peak memory is the process's maximum resident set on CPU and allocated GPU memory on a GPU. Training curves: "
         "`dvc plots show`.", "",
