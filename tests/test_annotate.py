@@ -205,6 +205,25 @@ def test_rank_and_ab_in_the_browser_survive_a_kill(annotate_dir, browser):
         assert progress(browser) == "1 / 3 done"
 
 
+DRAG = """const [from, to] = arguments; const data = new DataTransfer();
+for (const [el, type] of [[from, "dragstart"], [to, "dragover"], [to, "drop"]])
+  el.dispatchEvent(new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true}));"""
+
+
+def test_rank_by_dragging(annotate_dir, browser):
+    """Drag and drop (the page's HTML5 handlers, fed the browser's own DragEvents): the last card onto the first."""
+    with server(annotate_dir, "rank") as (proc, url):
+        log_in(browser, url, "dee")
+        k = shown_keys(browser)
+        cards = browser.find_elements("css selector", "#options li")
+        browser.execute_script(DRAG, cards[3], cards[0])
+        assert shown_keys(browser) == [k[3], k[0], k[1], k[2]]
+        browser.find_element("id", "submit").click()
+        wait_for(browser, lambda d: progress(d) == "1 / 3 done")
+    (answer,) = events(annotate_dir / "data" / "annotations" / "dee.jsonl")
+    assert answer["ranking"] == [k[3], k[0], k[1], k[2]] and answer["unacceptable"] == []
+
+
 def call(url: str, path: str, body: bytes | dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     request = Request(url.split("?")[0].rstrip("/") + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
