@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, alignflow, env, openai_server, tiny_params, write_params
+from test_annotate import call, events, server
 from alignflow.params import ParamsError, load_params
 from alignflow.stages.compare import judge_outcomes, refusal_detector_accuracy, win_rates
 from alignflow.stages.evaluate import perplexity, response_kl
@@ -189,6 +190,43 @@ def test_evaluate_compare_report(eval_workdir, tiny_model_dir):
     assert "**reward model**: stage `reward_model`" in report
     harmful_example = report.split("(harmful, en)")[1].split("**")[0]
     assert all(f"| {m} |" in harmful_example for m in ("base", "sft", "dpo"))
+    assert "People's A/B answers" not in report and all("human" not in m for m in summary["models"].values())
+
+
+def test_people_ab_answers_in_compare_and_report(eval_workdir, tiny_model_dir):
+    """A/B answers posted to `alignflow annotate ab` (dpo vs the reference; base vs dpo by two people) become the
+    win rates of the `human` judge, a `human` block, a `human_pairs` entry and the report's table."""
+
+    write_params(eval_workdir, eval_params(tiny_model_dir, preferences__judge="human", preferences__agreement_judge="rules"))
+    for model in ("base", "sft", "dpo"):
+        assert alignflow("evaluate", eval_workdir, extra=[model]).returncode == 0
+    answered = {}
+    for args, people in ((["ab", "dpo", "--limit", "2"], {"ana": "A"}), (["ab", "base", "--against", "dpo", "--limit", "2"], {"ana": "A", "bo": "tie"})):
+        with server(eval_workdir, *args) as (proc, url):
+            for name, answer in people.items():
+                for _ in range(int(args[-1])):
+                    view = call(url, f"/api/view?annotator={name}")[1]
+                    assert call(url, "/api/answer", {"annotator": name, "item": view["item"]["id"], "answer": answer})[0] == 200
+    for name in ("ana", "bo"):
+        for record in events(eval_workdir / "data" / "ab_annotations" / f"{name}.jsonl"):
+            answered.setdefault(tuple(record["models"]), []).append(record)
+    assert alignflow("compare", eval_workdir).returncode == 0 and alignflow("report", eval_workdir).returncode == 0
+    summary = json.loads((eval_workdir / "metrics/evaluation.json").read_text())
+    dpo, base = summary["models"]["dpo"], summary["models"]["base"]
+    dpo_rows = {r["id"]: r["response"] for r in map(json.loads, (eval_workdir / "data/evaluation/dpo.jsonl").read_text().splitlines())}
+    sft_rows = {r["id"]: r["response"] for r in map(json.loads, (eval_workdir / "data/evaluation/sft.jsonl").read_text().splitlines())}
+    identical = sum(dpo_rows[i] == sft_rows[i] for i in dpo_rows)
+    wins = sum(r["winner"] == "dpo" for r in answered[("dpo", "sft")])  # "A" is dpo or sft, as each item's sides fell
+    assert dpo["judged_by"] == "human" and dpo["comparisons"] == 2 + identical  # the perturbed models differ on 2 prompts
+    assert dpo["win_rate"] == pytest.approx(wins / (2 + identical)) and dpo["loss_rate"] == pytest.approx((2 - wins) / (2 + identical))
+    assert dpo["human"]["answers"] == 2 and dpo["human"]["agreement_with_rules_judge"]["shared"] == 2
+    assert base["judged_by"] == "rules (no human A/B answers for this model)" and "human" not in base
+    pair = summary["human_pairs"]["base vs dpo"]
+    assert pair["answers"] == 4 and pair["annotators"] == 2 and pair["agreement_between_annotators"]["shared"] == 2
+    assert pair["agreement_between_annotators"]["agreement"] == 0.0  # ana always picked a side, bo always said tie
+    report = (eval_workdir / "reports/report.md").read_text()
+    section = report.split("## People's A/B answers")[1]
+    assert f"| dpo | {dpo['human']['win_rate']:.2f} / " in section and "| base vs dpo |" in section
 
 
 @pytest.mark.parametrize("change,expected", [

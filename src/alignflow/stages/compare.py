@@ -19,7 +19,8 @@ default), judged by the preference stage's judge (`preferences.judge`):
                 to the rules (each model's `judged_by` says which)
 Identical responses are a tie without asking. Ties are counted apart: win + tie + loss = 1.
 Whatever the judge, a model with people's A/B answers also gets a `human` block: their win rates, how often
-the annotators agree, and how often they agree with `preferences.agreement_judge` on the same prompts.
+the annotators agree, and how often they agree with `preferences.agreement_judge` on the same prompts; A/B
+answers between two other models (`annotate ab X --against Y`) go under `human_pairs` as "X vs Y".
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from alignflow.annotations import ab_answers, between_annotators, majority, with_judge
+from alignflow.annotations import ab_answers, between_annotators, majority, read_logs, with_judge
 from alignflow.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
 from alignflow.judges import compare_both_orders, pairwise_judge, rule_checks, rule_score
 from alignflow.params import Params
@@ -103,13 +104,14 @@ def judge_outcomes(model: str, records: list[dict], reference: list[dict], param
                       "judge": verdicts[i]} for i, (r, o) in enumerate(zip(records, ordered))]
 
 
-def human_outcomes(model: str, records: list[dict], reference: list[dict], params: Params) -> dict[str, Any] | None:
-    """People's A/B answers for `model` against the reference (alignflow.annotations), or None if there are none:
-    the per-item majority outcome, the win rates over the answered items (identical responses, never shown,
-    count as ties as for the judges), agreement between annotators and with `preferences.agreement_judge`."""
+def human_outcomes(model: str, records: list[dict], other: str, reference: list[dict], params: Params) -> dict[str, Any] | None:
+    """People's A/B answers for `model` against `other` (whose records are `reference`; alignflow.annotations), or
+    None if there are none: the per-item majority outcome, the win rates over the answered items (identical
+    responses, never shown, count as ties as for the judges), agreement between annotators and with
+    `preferences.agreement_judge`."""
     ref_by_id = {r["id"]: r for r in reference}
-    texts = {r["id"]: {model: r["response"], params.reference_model: ref_by_id[r["id"]]["response"]} for r in records}
-    answers, stale = ab_answers(params.paths.ab_annotations, model, params.reference_model, texts)
+    texts = {r["id"]: {model: r["response"], other: ref_by_id[r["id"]]["response"]} for r in records}
+    answers, stale = ab_answers(params.paths.ab_annotations, model, other, texts)
     for where in stale:
         log.warning("%s: an A/B answer about responses that changed since (evaluate reran): left out", where)
     if not answers:
@@ -129,6 +131,13 @@ def human_outcomes(model: str, records: list[dict], reference: list[dict], param
         result[f"agreement_with_{kind}_judge"] = with_judge(outcome, {r["id"]: o for r, o in zip(subset, judged)})
     result["outcomes"] = outcome
     return result
+
+
+def ab_model_pairs(folder: str) -> list[tuple[str, str]]:
+    """Every pair of models people A/B-tested, from the logs' "models" fields (sorted, each pair once)."""
+    if not Path(folder).is_dir():
+        return []
+    return sorted({tuple(sorted(r["models"])) for _, r in read_logs(folder) if isinstance(r.get("models"), list) and len(r["models"]) == 2})
 
 
 def read_model(params: Params, name: str) -> tuple[list[dict], dict]:
@@ -196,7 +205,7 @@ def run(params: Params) -> None:
         if "base" in loaded:
             entry["perplexity_ratio_to_base"] = metrics["perplexity"] / loaded["base"][1]["perplexity"]
         if name != params.reference_model:
-            human = human_outcomes(name, records, reference_records, params)
+            human = human_outcomes(name, records, params.reference_model, reference_records, params)
             if judge == "human" and human:
                 entry.update({k: human[k] for k in ("win_rate", "tie_rate", "loss_rate", "win_rate_without_ties", "comparisons")})
                 entry["judged_by"] = "human"
@@ -214,8 +223,19 @@ def run(params: Params) -> None:
         rewards[name] = [r["reward"] for r in records]
         log.info("%s: %s", name, ", ".join(f"{k} {v:.3g}" for k, v in entry.items() if isinstance(v, float)))
 
+    others = {}  # people's A/B answers for two models neither of which is the reference (annotate ab X --against Y)
+    for a, b in ab_model_pairs(paths.ab_annotations):
+        if params.reference_model in (a, b):
+            continue
+        if a not in loaded or b not in loaded:
+            log.warning("%s: A/B answers for %s vs %s, which are not both in evaluate.models: left out", paths.ab_annotations, a, b)
+            continue
+        human = human_outcomes(a, loaded[a][0], b, loaded[b][0], params)
+        if human:
+            others[f"{a} vs {b}"] = {k: v for k, v in human.items() if k != "outcomes"}
     result = {
         "reference": params.reference_model, "prompts": len(ids), "judge": judge,
+        **({"human_pairs": others} if others else {}),
         "refusal_detector": refusal_detector_accuracy(paths.refusal_examples),
         "models": summary,
     }

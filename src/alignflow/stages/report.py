@@ -58,10 +58,10 @@ def model_table(result: dict[str, Any], order: list[str]) -> list[str]:
 
 def human_section(result: dict[str, Any], order: list[str]) -> list[str]:
     """People's A/B answers (`alignflow annotate ab <model>`), where there are any."""
-    rows = [f"| model | win / tie / loss vs {result['reference']} | prompts | answers | annotators | agreement between them "
+    rows = [f"| model (vs {result['reference']}, or X vs Y) | win / tie / loss | prompts | answers | annotators | agreement between them "
             "(kappa) | agreement with the judge (kappa) |", "|---|---|---|---|---|---|---|"]
-    for name in order:
-        h = result["models"][name].get("human")
+    blocks = [(name, result["models"][name].get("human")) for name in order] + list(result.get("human_pairs", {}).items())
+    for name, h in blocks:
         if h:
             between = h["agreement_between_annotators"]
             judged = next((v for k, v in h.items() if k.startswith("agreement_with_")), {})
