@@ -283,6 +283,9 @@ class Handler(BaseHTTPRequestHandler):
             if method == "POST":
                 self.close_connection = True  # an unread (oversized) body must not be parsed as the next request
             self._reply(err.status, {"error": err.message})
+        except InputError as err:  # an annotator's log that does not parse (edited by hand?): say where
+            log.error("%s", err)
+            self._reply(500, {"error": str(err)})
 
     def do_GET(self) -> None:  # noqa: N802 (the base class's name)
         self._handle("GET")
