@@ -61,7 +61,6 @@ class Replayed:
     skipped: list[str] = field(default_factory=list)                  # skipped, not answered since; oldest first
     undo_stack: list[str] = field(default_factory=list)               # answer ids in effect, newest last
     reopened: str | None = None                                       # the item an undo just took back
-    events: int = 0
 
 
 def replay(records: list[tuple[str, dict[str, Any]]], mode: str) -> dict[str, Replayed]:
@@ -77,7 +76,6 @@ def replay(records: list[tuple[str, dict[str, Any]]], mode: str) -> dict[str, Re
         if record["mode"] != mode:
             continue
         state = states.setdefault(record["annotator"], Replayed())
-        state.events += 1
         event = record["event"]
         if event == "answer":
             check_fields(where, record, {"item": str})
