@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from alignflow.io import InputError, check_fields, read_jsonl
+from alignflow.pairs import ranking_to_pairs
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")  # an annotator's name is also their file's name
 ANSWERS = ("A", "B", "tie")
@@ -145,11 +146,9 @@ def preference_sets(answers: list[dict[str, Any]]) -> dict[str, dict[tuple[str, 
     out: dict[str, dict[tuple[str, str, str], int]] = {}
     for answer in answers:
         prefs = out.setdefault(answer["annotator"], {})
-        for hi, lo in combinations(range(len(answer["tiers"])), 2):
-            for better in answer["tiers"][hi]:
-                for worse in answer["tiers"][lo]:
-                    a, b = sorted((better, worse))
-                    prefs[(answer["item"], a, b)] = 1 if better == a else -1
+        for better, worse in ranking_to_pairs(answer["tiers"]):
+            a, b = sorted((better, worse))
+            prefs[(answer["item"], a, b)] = 1 if better == a else -1
     return out
 
 

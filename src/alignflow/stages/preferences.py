@@ -51,6 +51,12 @@ def read_samples(path: str) -> list[dict[str, Any]]:
 # --- the four judges: samples -> (pairs, judgements, metrics) ---
 
 
+def rules_score(sample: dict[str, Any], response: str, cfg: PreferencesParams) -> int:
+    """The rules judge's score of one response to a sample's prompt (settles AI ties, checks people's pairs)."""
+    return rule_score(rule_checks(request_text(sample["prompt"]), response, sample["harmful"], cfg.rules_min_tokens,
+                                  cfg.rules_max_tokens))
+
+
 def ai_pairs(samples, judge, cfg: PreferencesParams):
     """Every pair of a prompt's responses, judged in both orders; with `tie_breaker: rules` the rules score
     settles the comparisons the AI judge left tied (the pair then records both)."""
@@ -68,9 +74,7 @@ def ai_pairs(samples, judge, cfg: PreferencesParams):
               "verdicts": result["verdicts"]}
         winner, verdict = result["winner"], ai
         if winner is None and cfg.tie_breaker == "rules":
-            request = request_text(sample["prompt"])
-            score = {i: rule_score(rule_checks(request, text[i], sample["harmful"], cfg.rules_min_tokens, cfg.rules_max_tokens))
-                     for i in (result["first"], result["second"])}
+            score = {i: rules_score(sample, text[i], cfg) for i in (result["first"], result["second"])}
             if score[result["first"]] != score[result["second"]]:
                 winner = max(score, key=score.get)
                 verdict = {"kind": "rules", "settles": "ai tie", "scores": score, "ai": ai}
@@ -189,9 +193,8 @@ def judge_preferences(keys, by_pid, cfg: PreferencesParams, paths: PathParams, s
     out = {}
     if cfg.agreement_judge == "rules":
         for pid, a, b in keys:
-            sample, text = by_pid[pid], {r["id"]: r["text"] for r in by_pid[pid]["responses"]}
-            score = [rule_score(rule_checks(request_text(sample["prompt"]), text[i], sample["harmful"], cfg.rules_min_tokens,
-                                            cfg.rules_max_tokens)) for i in (a, b)]
+            text = {r["id"]: r["text"] for r in by_pid[pid]["responses"]}
+            score = [rules_score(by_pid[pid], text[i], cfg) for i in (a, b)]
             if score[0] != score[1]:
                 out[(pid, a, b)] = 1 if score[0] > score[1] else -1
         return out
