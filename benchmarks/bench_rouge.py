@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from rouge_score import rouge_scorer  # noqa: E402
 
-from alignflow.rouge import NearDuplicateFilter  # noqa: E402
+from alignflow.core.rouge import NearDuplicateFilter  # noqa: E402
 
 SEED_PATH = ROOT / ".." / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 

@@ -44,8 +44,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignflow.models import load_tokenizer, resolve_source
-    from alignflow.params import ModelParams
+    from alignflow.core.models import load_tokenizer, resolve_source
+    from alignflow.core.params import ModelParams
 
     tokenizer = load_tokenizer(resolve_source(ModelParams("embedded:smollm2", None, None, False, "auto")))
     config = LlamaConfig(
@@ -144,9 +144,18 @@ def workdir(tmp_path, monkeypatch, tiny_model_dir):
     return tmp_path
 
 
+ALIGN_METHODS = ("ppo", "dpo", "orpo", "ipo", "simpo", "grpo")
+
+
+def stage_command(stage: str) -> list[str]:
+    """The command line words of a stage: an alignment method runs as `alignflow align <method>`."""
+    return ["align", stage] if stage in ALIGN_METHODS else [stage]
+
+
 def alignflow(stage: str, cwd: Path, params: str = "params.yaml", extra: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Run `alignflow --params PARAMS STAGE [EXTRA...]` in `cwd`; returns the finished process (not checked)."""
-    return sh(["alignflow", "--params", params, stage, *(extra or [])], cwd, check=False)
+    """Run `alignflow --params PARAMS STAGE [EXTRA...]` in `cwd` (a method name: `alignflow align METHOD`);
+    returns the finished process (not checked)."""
+    return sh(["alignflow", "--params", params, *stage_command(stage), *(extra or [])], cwd, check=False)
 
 
 @contextlib.contextmanager

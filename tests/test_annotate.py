@@ -25,7 +25,7 @@ from urllib.request import Request, urlopen
 import pytest
 import yaml
 
-from alignflow.annotations import between_annotators, cohen_kappa, text_hash
+from alignflow.core.annotation_log import between_annotators, cohen_kappa, text_hash
 from conftest import alignflow, env, make_repo, sh, tiny_params, write_params
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -7,8 +7,8 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignflow.params import load_params
-from alignflow.stages import base_model
+from alignflow.core.params import load_params
+from alignflow.data import base_model
 from conftest import tiny_params, write_params
 
 

@@ -1,4 +1,4 @@
-"""Multi-process training (alignflow.launch): with distributed.num_processes 2, `alignflow sft`, `dpo`, `reward_model`
+"""Multi-process training (alignflow.core.launch): with distributed.num_processes 2, `alignflow sft`, `dpo`, `reward_model`
 and `orpo` re-run themselves under the real `accelerate launch` as two DDP processes (gloo on the CPU) and end where one
 process ends: the same optimizer steps over the same examples, so the same losses up to float rounding.
 
@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from alignflow import launch
-from alignflow.io import InputError
+from alignflow.core import launch
+from alignflow.core.io import InputError
 from conftest import ROOT, alignflow, tiny_params, write_params
 from test_reward_model import marker_pairs
 from test_sft import sft_dir  # noqa: F401  (fixture: a small formatted train / eval split in the workdir)
@@ -174,9 +174,11 @@ def test_ppo_stays_one_process_and_says_so(monkeypatch, caplog):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     params = SimpleNamespace(distributed=SimpleNamespace(accelerate_config="ddp", num_processes=2))
+    from alignflow.align.align import accelerate_section
+
     with caplog.at_level(logging.WARNING):
-        assert launch.relaunch("params.yaml", "ppo", params) is None
-    assert "ppo runs as one process" in caplog.text
+        assert launch.relaunch("params.yaml", ["align", "ppo"], accelerate_section("ppo"), params) is None
+    assert "align ppo runs as one process" in caplog.text
 
 
 def test_the_global_batch_is_split_across_the_ranks(monkeypatch):

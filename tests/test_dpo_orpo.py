@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from alignflow.preference_losses import dpo_metrics, log_odds, orpo_metrics
+from alignflow.align.losses import dpo_metrics, log_odds, orpo_metrics
 from conftest import alignflow, tiny_params, write_params
 from test_reward_model import marker_pairs
 

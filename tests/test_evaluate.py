@@ -13,9 +13,9 @@ import torch
 
 from conftest import ROOT, alignflow, env, openai_server, tiny_params, write_params
 from test_annotate import call, events, server
-from alignflow.params import ParamsError, load_params
-from alignflow.stages.compare import judge_outcomes, refusal_detector_accuracy, win_rates
-from alignflow.stages.evaluate import perplexity, response_kl
+from alignflow.core.params import ParamsError, load_params
+from alignflow.evaluate.compare import judge_outcomes, refusal_detector_accuracy, win_rates
+from alignflow.evaluate.evaluate import perplexity, response_kl
 
 LABELLED = ROOT / "data" / "eval" / "refusal_examples.jsonl"
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from alignflow.io import InputError
-from alignflow.params import load_params
-from alignflow.stages import filter as filter_stage
-from alignflow.stages.filter import blacklist_matcher
+from alignflow.core.io import InputError
+from alignflow.core.params import load_params
+from alignflow.data import filter as filter_stage
+from alignflow.data.filter import blacklist_matcher
 from conftest import alignflow, tiny_params, write_params
 
 

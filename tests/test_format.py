@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from alignflow.params import load_params
-from alignflow.stages import format as format_stage
-from alignflow.stages.format import alpaca_prompt, split_of
+from alignflow.core.params import load_params
+from alignflow.data import format as format_stage
+from alignflow.data.format import alpaca_prompt, split_of
 from conftest import tiny_params, write_params
 
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from alignflow.generation import OpenAIGenerator, VLLMGenerator
-from alignflow.io import InputError
+from alignflow.core.generation import OpenAIGenerator, VLLMGenerator
+from alignflow.core.io import InputError
 from conftest import openai_server
 
 

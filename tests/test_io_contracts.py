@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from alignflow import contracts
-from alignflow.contracts import ContractError
-from alignflow.io import atomic_path
-from alignflow.params import load_params
-from alignflow.stages import filter as filter_stage
+from alignflow.core import contracts
+from alignflow.core.contracts import ContractError
+from alignflow.core.io import atomic_path
+from alignflow.core.params import load_params
+from alignflow.data import filter as filter_stage
 from conftest import tiny_params, write_params
 
 

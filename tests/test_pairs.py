@@ -7,10 +7,10 @@ import json
 import pytest
 import yaml
 
-from alignflow import contracts
-from alignflow.contracts import ContractError
-from alignflow.io import InputError
-from alignflow.pairs import assign_splits, make_pair, parse_pair, ranking_to_pairs
+from alignflow.core import contracts
+from alignflow.core.contracts import ContractError
+from alignflow.core.io import InputError
+from alignflow.core.pairs import assign_splits, make_pair, parse_pair, ranking_to_pairs
 from conftest import ROOT, alignflow, write_params
 
 

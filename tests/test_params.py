@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from alignflow.params import ParamsError, load_params, section_fields
+from alignflow.core.params import ParamsError, load_params, section_fields
 from conftest import ROOT, alignflow, make_repo, sh, tiny_params, write_params
 
 SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/params.schema.yaml").read_text())

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignflow.ppo_config import PPOConfig
-from alignflow.ppo_trainer import AdaptiveKLController, PPOTrainer, gae, kl_penalised_rewards, ppo_losses, whiten
+from alignflow.align.ppo.ppo_config import PPOConfig
+from alignflow.align.ppo.ppo_trainer import AdaptiveKLController, PPOTrainer, gae, kl_penalised_rewards, ppo_losses, whiten
 
 
 def test_gae_hand_worked():

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from alignflow.judges import compare_both_orders, is_degenerate, language_of, rule_checks
-from alignflow.refusal import is_refusal
-from alignflow.params import load_params
-from alignflow.stages.preferences import ai_pairs, constitution_pairs
+from alignflow.core.judges import compare_both_orders, is_degenerate, language_of, rule_checks
+from alignflow.core.refusal import is_refusal
+from alignflow.core.params import load_params
+from alignflow.feedback.preferences import ai_pairs, constitution_pairs
 from conftest import ROOT, alignflow, openai_server, tiny_params, write_params
 
 PROMPT = [{"role": "user", "content": "Name a fruit."}]

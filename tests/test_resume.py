@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alignflow, env, tiny_params, write_params
+from conftest import alignflow, env, stage_command, tiny_params, write_params
 from test_alignment_stages import aligned_workdir  # noqa: F401  (fixtures: the tiny SFT and reward models, pairs)
 from test_sft import sft_dir  # noqa: F401
 
@@ -43,7 +43,7 @@ TOLERANCE = {"rel": 1e-6, "abs": 1e-9}
 
 
 def run_until_first_checkpoint_then_kill(stage: str, directory: Path) -> None:
-    process = subprocess.Popen(["alignflow", "--params", "params.yaml", stage], cwd=directory, env=env(),
+    process = subprocess.Popen(["alignflow", "--params", "params.yaml", *stage_command(stage)], cwd=directory, env=env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # a checkpoint directory is whole once its last part is there: PPO renames its into place, the HF Trainer
     # writes trainer_state.json after the weights, optimizer and RNG states, and then we add the curves
@@ -113,12 +113,12 @@ def test_killed_stage_resumes_and_ends_as_an_uninterrupted_run(stage, request, t
         assert not (directory / "checkpoints" / stage).exists()
 
 
-# --- alignflow.checkpoints on its own: the run key, and which checkpoint counts ---
+# --- alignflow.core.checkpoints on its own: the run key, and which checkpoint counts ---
 
 
 def test_run_key_changes_with_params_seed_data_and_models(tmp_path, tiny_model_dir, monkeypatch):
-    from alignflow import checkpoints
-    from alignflow.params import load_params
+    from alignflow.core import checkpoints
+    from alignflow.core.params import load_params
 
     params = load_params(write_params(tmp_path, tiny_params(tiny_model_dir)))
     pairs, base, sft = tmp_path / "pairs.jsonl", tmp_path / "base", tmp_path / "sft"
@@ -150,7 +150,7 @@ def test_run_key_changes_with_params_seed_data_and_models(tmp_path, tiny_model_d
 
 
 def test_only_a_whole_checkpoint_is_resumed_from(tmp_path):
-    from alignflow.checkpoints import newest_checkpoint, write_checkpoint
+    from alignflow.core.checkpoints import newest_checkpoint, write_checkpoint
 
     run = tmp_path / "run"
     for step in (2, 4, 6):

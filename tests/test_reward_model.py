@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from alignflow.pairs import assign_splits, make_pair
-from alignflow.reward import conversation_ids, from_causal_lm, score
+from alignflow.core.pairs import assign_splits, make_pair
+from alignflow.core.reward import conversation_ids, from_causal_lm, score
 from conftest import alignflow, tiny_params, write_params
 
 WORDS = ("apple river stone cloud green quick table seven music paper light north winter garden silver "

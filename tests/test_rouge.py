@@ -1,4 +1,4 @@
-"""Exactness tests for alignflow.rouge against rouge_score and a plain DP LCS."""
+"""Exactness tests for alignflow.core.rouge against rouge_score and a plain DP LCS."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer, tokenizers
 
-from alignflow import rouge
+from alignflow.core import rouge
 from conftest import SHARED_SEEDS as SEED_PATH
 RS_TOKENIZER = tokenizers.DefaultTokenizer(use_stemmer=False)
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)

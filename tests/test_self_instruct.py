@@ -7,10 +7,11 @@ import json
 import pytest
 import yaml
 
-from alignflow.io import InputError
-from alignflow.params import load_params
-from alignflow.stages import self_instruct
-from alignflow.stages.self_instruct import parse_instance, parse_instructions, parse_yes_no, read_seed_tasks
+from alignflow.core.io import InputError
+from alignflow.core.params import load_params
+from alignflow.data import self_instruct
+from alignflow.data.records import read_seed_tasks
+from alignflow.data.self_instruct import parse_instance, parse_instructions, parse_yes_no
 from conftest import ROOT, SHARED_SEEDS, alignflow, openai_server, tiny_params, write_params
 
 GOOD = {"id": "t1", "name": "t", "instruction": "Say hi.", "instances": [{"input": "", "output": "Hi"}], "is_classification": False}

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignflow.io import InputError
-from alignflow.models import Source, load_tokenizer, load_trained
-from alignflow.params import ParamsError, load_params
-from alignflow.stages import sft
+from alignflow.core.io import InputError
+from alignflow.core.models import Source, load_tokenizer, load_trained
+from alignflow.core.params import ParamsError, load_params
+from alignflow.sft import sft
 from conftest import alignflow, tiny_params, write_params
 
 METHODS = ["full", "lora", "qlora", "prefix", "adapter"]
@@ -96,7 +96,7 @@ def test_qlora_is_4bit_nf4_and_smaller_than_lora(sft_dir, tiny_model_dir):
 def test_fresh_adapter_leaves_outputs_unchanged_and_roundtrips(sft_dir, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from alignflow.adapters import add_bottleneck_adapters, load_bottleneck_adapters, save_bottleneck_adapters
+    from alignflow.core.adapters import add_bottleneck_adapters, load_bottleneck_adapters, save_bottleneck_adapters
 
     ids = torch.tensor([[1, 520, 2341, 30, 881, 17]])
     base = AutoModelForCausalLM.from_pretrained("models/base").eval()

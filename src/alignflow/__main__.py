@@ -1,3 +1,3 @@
-from alignflow.cli import main
+from alignflow.core.cli import main
 
 raise SystemExit(main())

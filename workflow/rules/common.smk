@@ -23,17 +23,33 @@ def is_directory(path):
     return Path(path).suffix == ""
 
 
+IGNORED = ("__pycache__", ".snakemake_timestamp")  # as in .dvcignore: not part of a directory's content
+
+
+def files_in(directory):
+    """Every file under a directory that DVC hashes as its content (.dvcignore's patterns left out)."""
+    return sorted(str(f) for f in Path(directory).rglob("*")
+                  if f.is_file() and not any(part in IGNORED for part in f.parts) and f.suffix != ".pyc")
+
+
 def file_deps(stage, stages):
     """The stage's file deps. A dep that is a directory holding other stages' outputs stands for those
-    outputs, as it does for DVC (compare reads data/evaluation/, where each evaluate@<model> writes)."""
+    outputs, as it does for DVC (compare reads data/evaluation/, where each evaluate@<model> writes). A directory
+    no stage writes (the code folders src/alignflow/<phase>, data/annotations) stands for the files in it: DVC hashes
+    their content, and Snakemake sees an edited file by its mtime, which a directory's own mtime does not show."""
     outs = [str(o.def_path) for other in stages if other is not stage for o in other.outs]
     deps = []
     for dep in stage.deps:
         if isinstance(dep, ParamsDependency):
             continue
         path = str(dep.def_path)
-        inside = [o for o in outs if Path(o).is_relative_to(path) and o != path]
-        deps.extend(inside or [path])
+        inside = [o for o in outs if Path(o).is_relative_to(path)]
+        if inside:
+            deps.extend([o for o in inside if o != path] or [path])
+        elif Path(path).is_dir():
+            deps.extend(files_in(path) or [path])
+        else:
+            deps.append(path)
     return list(dict.fromkeys(deps))
 
 

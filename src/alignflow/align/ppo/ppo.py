@@ -1,0 +1,162 @@
+"""Stage `ppo`: RLHF with our PPO trainer (alignflow.align.ppo.ppo_trainer) against the reward model.
+
+    alignflow ppo                       # reads params.yaml: seed, ppo, paths
+    dvc exp run -S ppo.kl_coef=0.1
+
+Reads:  the train prompts of `paths.pairs` (rollouts) and its eval prompts (measured before and after),
+        the SFT model `paths.sft_model`, the reward model `paths.reward_model`.
+Writes: `<paths.aligned>/ppo/` (a plain checkpoint, LoRA merged in), `<paths.metrics>/ppo.json`, and per
+        iteration reward, KL, entropy, clip fraction, value loss, approximate KL and response length under
+        `<paths.dvclive>/ppo/` (dvc plots show).
+Keeps:  a checkpoint every `ppo.save_every` iterations under `<paths.checkpoints>/ppo/<run key>/`, written
+        atomically, so a killed run resumes and ends as an uninterrupted one would; deleted once it finished.
+
+The four models: the policy (the SFT model; LoRA by default), the reference (with LoRA the same weights
+with the adapter disabled, otherwise a frozen copy of the SFT model), the frozen reward model, and the
+value model. The value model starts as a copy of the reward model (InstructGPT's choice): it already maps
+a conversation to a scalar of the right scale, so the critic is useful from the first iteration, while a
+value head on the policy would start from random and share the policy's gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from alignflow.core.pairs import load_preference_splits
+from alignflow.core.training import AlignmentRun
+from alignflow.core.checkpoints import open_live, restore_rng_states, rng_states, snapshot_curves, write_checkpoint
+from alignflow.core.io import InputError
+from alignflow.core.models import Source, load_tokenizer
+from alignflow.core.params import Params
+from alignflow.core.reward import conversation_ids, score
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "ppo_state.pt"  # in each checkpoint: trainer, RNG states, data position, history (alignflow.core.checkpoints)
+
+
+def check_inputs(params: Params) -> None:
+    cfg, paths = params.ppo, params.paths
+    if cfg.batch_size % cfg.minibatch_size:
+        raise InputError(f"params.yaml: ppo.batch_size={cfg.batch_size} does not divide into minibatches of "
+                         f"ppo.minibatch_size={cfg.minibatch_size}")
+    if not (Path(paths.reward_model) / "config.json").is_file():
+        raise InputError(f"{paths.reward_model}: no reward model; PPO needs one (dvc repro reward_model)")
+
+
+def unique_prompts(prompts: list[list[dict[str, str]]]) -> list[list[dict[str, str]]]:
+    seen: dict[str, list[dict[str, str]]] = {}
+    for p in prompts:
+        seen.setdefault(repr(p), p)
+    return list(seen.values())
+
+
+def run(params: Params) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from alignflow.align.ppo.ppo_config import PPOConfig
+    from alignflow.align.ppo.ppo_trainer import PPOTrainer
+
+    check_inputs(params)
+    cfg, paths = params.ppo, params.paths
+    align = AlignmentRun(params, "ppo", start_from=paths.sft_model)
+    train, held_out = load_preference_splits(paths.pairs)
+    train_prompts, eval_prompts = unique_prompts(train.prompts), unique_prompts(held_out.prompts)
+
+    policy, tokenizer = align.load_policy()
+    ref_model = None
+    if cfg.method == "lora":
+        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                   target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM"))
+    else:
+        ref_model = align.load_policy()[0].requires_grad_(False)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(paths.reward_model).to(align.device).requires_grad_(False).eval()
+    value_model = AutoModelForSequenceClassification.from_pretrained(paths.reward_model).to(align.device)
+    rm_tokenizer = load_tokenizer(Source(paths.reward_model))
+
+    def prompt_ids(messages):
+        return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"]
+
+    messages_of = {tuple(prompt_ids(m)): m for m in train_prompts + eval_prompts}
+
+    def reward_fn(prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        ids = [conversation_ids(rm_tokenizer, messages_of[tuple(p)], t.strip()) for p, t in zip(prompts, texts)]
+        return torch.tensor(score(reward_model, rm_tokenizer, ids))
+
+    ppo_config = PPOConfig(
+        batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size, ppo_epochs=cfg.ppo_epochs,
+        learning_rate=cfg.learning_rate, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, kl_coef=cfg.kl_coef,
+        adaptive_kl=cfg.adaptive_kl, target_kl=cfg.target_kl, gamma=cfg.gamma, lam=cfg.lam, clip_range=cfg.clip_range,
+        clip_range_value=cfg.clip_range_value, value_coef=cfg.value_coef, stop_kl=cfg.stop_kl, seed=params.seed)
+    trainer = PPOTrainer(ppo_config, policy, value_model, reward_fn, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eos_token), ref_model=ref_model)
+
+    eval_ids = [prompt_ids(m) for m in eval_prompts]
+
+    def held_out_reward() -> float:
+        torch.manual_seed(params.seed)  # the same draw before and after
+        return trainer.rollout(eval_ids).scores.mean().item()
+
+    from tqdm import tqdm
+
+    before = held_out_reward()
+    order = random.Random(params.seed)
+    pool: list[list[int]] = []
+    history = []
+    start = 0
+    checkpoints = align.open_checkpoints(paths.reward_model, marker=STATE_FILE)
+    if checkpoints.resume:  # everything a step reads: weights, optimizer, beta, RNGs, the prompt order and pool
+        state = torch.load(checkpoints.resume / STATE_FILE, weights_only=True)
+        trainer.load_state_dict(state["trainer"])
+        restore_rng_states(state["rng"])
+        version, internal, gauss = state["order"]
+        order.setstate((version, tuple(internal), gauss))
+        start, pool, history = state["iteration"], state["pool"], state["history"]
+    live_dir = Path(paths.dvclive) / "ppo"
+
+    def write_state(tmp: Path, done: int) -> None:
+        torch.save({"iteration": done, "trainer": trainer.state_dict(), "rng": rng_states(),
+                    "order": order.getstate(), "pool": pool, "history": history}, tmp / STATE_FILE)
+        snapshot_curves(live_dir, tmp)
+
+    with open_live(live_dir, checkpoints.resume) as live:
+        started = time.perf_counter()
+        for iteration in tqdm(range(start, cfg.iterations), desc="ppo", unit="iteration", initial=start,
+                              total=cfg.iterations):
+            while len(pool) < cfg.batch_size:  # cycle through the train prompts, reshuffled each pass
+                batch = [prompt_ids(m) for m in train_prompts]
+                order.shuffle(batch)
+                pool.extend(batch)
+            stats = trainer.step(pool[: cfg.batch_size])
+            pool = pool[cfg.batch_size :]
+            history.append(stats)
+            for key, value in stats.items():
+                live.log_metric(key, value)
+            live.next_step()
+            log.info("iteration %d: reward %.3f, KL %.3f, entropy %.3f, clip %.3f, value loss %.4f, approx KL %.4f, length %.1f",
+                     iteration, stats["reward"], stats["kl"], stats["entropy"], stats["clip_fraction"], stats["value_loss"],
+                     stats["approx_kl"], stats["response_length"])
+            if (iteration + 1) % cfg.save_every == 0 and iteration + 1 < cfg.iterations:
+                write_checkpoint(checkpoints.run_dir, iteration + 1, lambda tmp: write_state(tmp, iteration + 1))
+        align.wall = time.perf_counter() - started
+    after = held_out_reward()
+    first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4) :]
+    align.save(policy, tokenizer, {
+        "eval_reward_before": before, "eval_reward": after,
+        "train_reward_first_quarter": sum(h["reward"] for h in first) / len(first),
+        "train_reward_last_quarter": sum(h["reward"] for h in last) / len(last),
+        "final_kl": history[-1]["kl"], "final_beta": history[-1]["beta"], "iterations": cfg.iterations,
+        "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts),
+        "resumed_from_iteration": checkpoints.resumed_from_step,
+        # policy + reference (0 extra with LoRA) + reward model + value model
+        "model_copies": (3 if cfg.method == "lora" else 4),
+    })
+    log.info("ppo: held-out reward %.3f -> %.3f in %d iterations (%.0f s)", before, after, cfg.iterations, align.wall)

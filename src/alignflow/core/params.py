@@ -1,0 +1,375 @@
+"""params.yaml -> typed, validated settings.
+
+Reads `params.yaml` and validates it against `workflow/schemas/params.schema.yaml` (the same schema
+the Snakefile applies), then builds one frozen dataclass per section. Every error names the file,
+the line and the key, and says what was expected:
+
+    params.yaml:42: filter.rouge_threshold: 1.5 is greater than the maximum of 1
+
+The schema is the one definition: tests/test_params.py checks these dataclasses against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_RELPATH = Path("workflow/schemas/params.schema.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, malformed or does not match the schema."""
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    name_or_path: str
+    gguf_file: str | None
+    revision: str | None
+    trust_remote_code: bool
+    dtype: str
+
+
+@dataclass(frozen=True)
+class PathParams:
+    seeds: str
+    base_model: str
+    generated: str
+    filtered: str
+    train: str
+    eval: str
+    sft_model: str
+    prompts: str
+    annotations: str
+    ab_annotations: str
+    samples: str
+    judgements: str
+    pairs: str
+    reward_model: str
+    aligned: str
+    eval_prompts: str
+    heldout_text: str
+    refusal_examples: str
+    evaluation: str
+    verdicts: str
+    report: str
+    plots: str
+    checkpoints: str
+    dvclive: str
+    metrics: str
+    logs: str
+
+
+@dataclass(frozen=True)
+class SelfInstructParams:
+    backend: str
+    generator: str | None
+    api_base: str | None
+    api_key_env: str
+    chat_template: bool
+    num_instructions: int
+    num_prompt_instructions: int
+    num_machine_examples: int
+    batch_size: int
+    max_rounds: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    instance_max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    min_tokens: int
+    max_tokens: int
+    blacklist: tuple[str, ...]
+    rouge_threshold: float
+
+
+@dataclass(frozen=True)
+class FormatParams:
+    eval_fraction: float
+    system_prompt: str | None
+
+
+@dataclass(frozen=True)
+class DistributedParams:
+    """How the Trainer-based stages run on more than one process (alignflow.core.launch)."""
+
+    accelerate_config: str  # ddp | zero2 | zero3 | fsdp: workflow/accelerate/<name>.yaml
+    num_processes: int | str  # "auto" (the visible CUDA GPUs, 1 without CUDA) or a count
+
+
+@dataclass(frozen=True)
+class SftParams:
+    method: str
+    epochs: float
+    learning_rate: float | None
+    warmup_ratio: float
+    weight_decay: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    max_length: int
+    save_steps: int
+    l2_to_pretrained: float
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: tuple[str, ...]
+    lora_merge: bool
+    prefix_virtual_tokens: int
+    adapter_bottleneck: int
+    adapter_activation: str
+
+    @property
+    def lr(self) -> float:
+        """The learning rate: as set, or the chapter's default for the method."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-5 if self.method == "full" else 2e-4
+
+
+@dataclass(frozen=True)
+class SamplesParams:
+    backend: str
+    prompts: str
+    num_responses: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int
+    max_prompts: int | None
+
+
+@dataclass(frozen=True)
+class PreferencesParams:
+    judge: str
+    tie_breaker: str | None
+    agreement_judge: str | None
+    eval_fraction: float
+    principles: tuple[str, ...]
+    judge_backend: str
+    judge_model: str | None
+    api_base: str | None
+    api_key_env: str
+    judge_batch_size: int
+    rules_min_tokens: int
+    rules_max_tokens: int
+    revision_max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class RewardModelParams:
+    method: str
+    epochs: float
+    learning_rate: float
+    warmup_ratio: float
+    weight_decay: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    max_length: int
+    save_steps: int
+    center_rewards_coefficient: float
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AlignmentParams:
+    methods: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PpoParams:
+    method: str
+    iterations: int
+    batch_size: int
+    minibatch_size: int
+    ppo_epochs: int
+    learning_rate: float
+    max_new_tokens: int
+    temperature: float
+    kl_coef: float
+    adaptive_kl: bool
+    target_kl: float
+    gamma: float
+    lam: float
+    clip_range: float
+    clip_range_value: float
+    value_coef: float
+    stop_kl: float | None
+    save_every: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PreferenceTrainingParams:
+    """What the dpo and orpo sections share."""
+
+    method: str
+    epochs: float
+    learning_rate: float
+    warmup_ratio: float
+    batch_size: int
+    gradient_accumulation_steps: int
+    max_length: int
+    save_steps: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DpoParams(PreferenceTrainingParams):
+    beta: float
+
+
+@dataclass(frozen=True)
+class OrpoParams(PreferenceTrainingParams):
+    lam: float
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    backend: str
+    models: dict[str, str]
+    max_new_tokens: int
+    batch_size: int
+    examples: int
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    model: ModelParams
+    paths: PathParams
+    self_instruct: SelfInstructParams
+    filter: FilterParams
+    format: FormatParams
+    distributed: DistributedParams
+    sft: SftParams
+    samples: SamplesParams
+    preferences: PreferencesParams
+    reward_model: RewardModelParams
+    alignment: AlignmentParams
+    ppo: PpoParams
+    dpo: DpoParams
+    orpo: OrpoParams
+    evaluate: EvaluateParams
+
+    @property
+    def reference_model(self) -> str:
+        """The name in evaluate.models of the SFT model, the reference for KL and win rates (checked on load)."""
+        return next(name for name, path in self.evaluate.models.items() if path == self.paths.sft_model)
+
+
+def schema_path(params_file: Path) -> Path:
+    """The schema lives in the repository beside params.yaml (the stages run from the repository root)."""
+    return params_file.resolve().parent / SCHEMA_RELPATH
+
+
+def _line_of(root: yaml.Node | None, keys: list[Any]) -> int | None:
+    """1-based line of the deepest node along `keys` in the composed YAML tree."""
+    node, line = root, None
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(key)]
+            if not match:
+                break
+            key_node, node = match[0]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _describe(error: jsonschema.ValidationError) -> tuple[list[Any], str]:
+    """The offending key path and a message that says what was expected."""
+    path = list(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return path + extra[:1], f"unknown key {extra[0]!r}; expected one of: {', '.join(allowed)}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1]
+        return path + [missing], f"missing key; this section needs: {', '.join(error.validator_value)}"
+    return path, error.message
+
+
+def validate(data: Any, params_file: Path, text: str) -> None:
+    schema = yaml.safe_load(schema_path(params_file).read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    if not errors:
+        return
+    root = yaml.compose(text)
+    lines = []
+    for error in errors:
+        path, message = _describe(error)
+        line = _line_of(root, path)
+        where = f"{params_file}:{line}" if line else str(params_file)
+        dotted = ".".join(map(str, path)) or "(top level)"
+        lines.append(f"{where}: {dotted}: {message}")
+    raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines))
+
+
+def load_params(params_file: str | Path = "params.yaml") -> Params:
+    """Read, validate and type params.yaml. Raises ParamsError naming file, line and key."""
+    params_file = Path(params_file)
+    try:
+        text = params_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ParamsError(f"{params_file}: not found (run from the repository root)") from None
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{params_file}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{params_file}:{mark.line + 1}" if mark else str(params_file)
+        raise ParamsError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
+    validate(data, params_file, text)
+    sections = {name: kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in data[name].items()})
+                for name, kind in typing.get_type_hints(Params).items() if name != "seed"}
+    params = Params(seed=data["seed"], **sections)
+    check_evaluated_models(params, params_file, yaml.compose(text))
+    return params
+
+
+def check_evaluated_models(params: Params, params_file: Path, root: yaml.Node) -> None:
+    """What the schema cannot say: the SFT model, the reference, is evaluated, and an aligned checkpoint is
+    evaluated only when its stage runs (else DVC stops on a missing dependency, far from the cause)."""
+    models, aligned = params.evaluate.models, Path(params.paths.aligned)
+    problems = []
+    if params.paths.sft_model not in models.values():
+        problems.append((["evaluate", "models"], f"no entry is the SFT model {params.paths.sft_model} (paths.sft_model), "
+                                                 "the reference for KL and win rates"))
+    for name, path in models.items():
+        made_by = Path(path).parent == aligned and Path(path).name
+        if made_by and made_by not in params.alignment.methods:
+            problems.append((["evaluate", "models", name], f"{path} is written by align@{made_by}, but alignment.methods "
+                                                          f"({', '.join(params.alignment.methods)}) does not run it"))
+    if problems:
+        lines = [f"{params_file}:{_line_of(root, keys)}: {'.'.join(keys)}: {message}" for keys, message in problems]
+        raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines))
+
+
+def section_fields() -> dict[str, list[str]]:
+    """Field names of each typed section, for the schema-agreement test."""
+    hints = typing.get_type_hints(Params)
+    return {name: [f.name for f in dataclasses.fields(kind)] for name, kind in hints.items() if name != "seed"}

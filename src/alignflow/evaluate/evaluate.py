@@ -1,0 +1,185 @@
+"""Stage `evaluate@<model>`: one model's greedy responses to held-out prompts, and what they say about it.
+
+    alignflow evaluate dpo              # reads params.yaml: seed, evaluate, paths
+    dvc repro evaluate@dpo              # one stage per entry of evaluate.models
+
+Reads:  the checkpoint `evaluate.models[<model>]`; the prompts `paths.eval_prompts` (benign, benign but
+        alarming, harmful; English and Chinese) minus any a training stage saw (`paths.prompts`, `paths.train`:
+        same text or ROUGE-L F above 0.7, dropped and listed in the metrics); the text `paths.heldout_text`; the
+        reward model `paths.reward_model`; the SFT model `paths.sft_model`, the reference for KL.
+Writes: `<paths.evaluation>/<model>.jsonl`, one line per prompt: response, reward, refused, KL, tokens;
+        `<paths.metrics>/evaluate/<model>.json`:
+  reward_mean / reward_std      the reward model's score of the responses
+  refusal_rate.<category>       share refused, by category (benign, benign_alarming, harmful) and by language;
+                                over_refusal_rate = refused benign prompts (both benign categories)
+  perplexity                    of the held-out text (forgetting: the compare stage divides by the base model's)
+  kl_to_reference               KL(model || reference) summed over a response's tokens, exact over the
+                                vocabulary at each position, mean over prompts (0 for the reference itself)
+  response_tokens_mean          mean response length in the model's tokens
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignflow.core import contracts
+from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
+from alignflow.core.params import Params
+from alignflow.core.refusal import is_refusal
+from alignflow.core.rouge import rouge_l_f, tokenize
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = ("benign", "benign_alarming", "harmful")
+SEEN_THRESHOLD = 0.7  # ROUGE-L F above which an eval prompt counts as seen in training (the filter stage's)
+
+
+def read_eval_prompts(path: str) -> list[dict[str, Any]]:
+    prompts = []
+    for line, record in read_jsonl(path, {"id": str, "prompt": str, "category": str, "harmful": bool, "lang": str}):
+        if record["category"] not in CATEGORIES:
+            raise InputError(f"{path}:{line}: field 'category': expected one of {', '.join(CATEGORIES)}, got {record['category']!r}")
+        if record["harmful"] != (record["category"] == "harmful"):
+            raise InputError(f"{path}:{line}: field 'harmful': must be true exactly for category 'harmful'")
+        if record["lang"] not in ("en", "zh"):
+            raise InputError(f"{path}:{line}: field 'lang': expected 'en' or 'zh', got {record['lang']!r}")
+        if not record["prompt"].strip():
+            raise InputError(f"{path}:{line}: field 'prompt': empty")
+        prompts.append(record)
+    ids = [p["id"] for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"{path}: field 'id': ids repeat ({sorted({i for i in ids if ids.count(i) > 1})})")
+    return prompts
+
+
+def training_prompts(params: Params) -> list[str]:
+    """The prompts the training stages saw: the preference prompts and the SFT train split's instructions."""
+    seen = [r["prompt"] for _, r in read_jsonl(params.paths.prompts, {"prompt": str})]
+    for _, record in read_jsonl(params.paths.train, {"instruction": str, "input": str}):
+        seen.append(f"{record['instruction']} {record['input']}".strip())
+    return seen
+
+
+def unseen(prompts: list[dict[str, Any]], seen: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    seen_tokens = [tokenize(s) for s in seen]
+    keep, dropped = [], []
+    for prompt in prompts:
+        tokens = tokenize(prompt["prompt"])
+        if any(rouge_l_f(tokens, other) > SEEN_THRESHOLD for other in seen_tokens):
+            dropped.append(prompt["id"])
+        else:
+            keep.append(prompt)
+    return keep, dropped
+
+
+@torch.no_grad()
+def response_kl(model, reference, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """Sum over the response's positions of KL(model(.|context) || reference(.|context)), over the whole vocabulary."""
+    if not response_ids:
+        return 0.0
+    ids = torch.tensor([prompt_ids + response_ids], device=next(model.parameters()).device)
+    start = len(prompt_ids) - 1  # the logits at position t predict token t + 1
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, start:-1].float(), dim=-1)
+    logq = torch.log_softmax(reference(input_ids=ids).logits[0, start:-1].float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum().item()
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], max_length: int = 512) -> float:
+    """exp(mean negative log-likelihood per predicted token) over all the texts."""
+    total_nll, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"].to(device)
+        if ids.shape[1] < 2:
+            continue
+        loss = model(input_ids=ids, labels=ids).loss.item()  # mean over the ids.shape[1] - 1 predicted tokens
+        total_nll += loss * (ids.shape[1] - 1)
+        total_tokens += ids.shape[1] - 1
+    return math.exp(total_nll / total_tokens)
+
+
+def refusal_rates(records: list[dict[str, Any]]) -> dict[str, Any]:
+    def rate(rows):
+        return sum(r["refused"] for r in rows) / len(rows) if rows else None
+
+    by_category = {c: rate([r for r in records if r["category"] == c]) for c in CATEGORIES}
+    by_language = {f"{c}_{lang}": rate([r for r in records if r["category"] == c and r["lang"] == lang])
+                   for c in CATEGORIES for lang in ("en", "zh")}
+    return {"refusal_rate": by_category, "refusal_rate_by_language": by_language,
+            "over_refusal_rate": rate([r for r in records if not r["harmful"]]),
+            "harmful_refusal_rate": by_category["harmful"]}
+
+
+def run(params: Params, model_name: str) -> None:
+    from alignflow.core.generation import TransformersGenerator, VLLMGenerator
+    from alignflow.core.models import load_for_inference
+    from alignflow.core.reward import conversation_ids, load_reward_model, score
+
+    cfg, paths = params.evaluate, params.paths
+    if model_name not in cfg.models:
+        raise InputError(f"params.yaml: evaluate.models has no {model_name!r} (it has: {', '.join(cfg.models)})")
+    model_path = cfg.models[model_name]
+    if not Path(model_path).exists():
+        raise InputError(f"{model_path}: no checkpoint for evaluate.models.{model_name} (dvc repro makes it)")
+    prompts, dropped = unseen(read_eval_prompts(paths.eval_prompts), training_prompts(params))
+    if dropped:
+        log.warning("%d eval prompts look like training prompts and are left out: %s", len(dropped), ", ".join(dropped))
+    if not prompts:
+        raise InputError(f"{paths.eval_prompts}: every prompt was seen in training")
+    texts = [r["text"] for _, r in read_jsonl(paths.heldout_text, {"text": str})]
+
+    messages = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
+    if cfg.backend == "vllm":  # answers from vLLM's engine, freed before the scoring below loads the model again
+        engine = VLLMGenerator(model_path, temperature=0.0, top_p=1.0, chat_template=True, seed=params.seed)
+        answers = engine.generate(messages, max_new_tokens=cfg.max_new_tokens, seed=params.seed)
+        del engine
+    generator = TransformersGenerator(model_path, temperature=0.0, top_p=1.0, batch_size=cfg.batch_size, chat_template=True)
+    model, tokenizer = generator.model, generator.tokenizer
+    if cfg.backend != "vllm":
+        answers = generator.generate(messages, max_new_tokens=cfg.max_new_tokens, seed=params.seed)
+    responses = [r.strip() for r in answers]
+
+    reward_model, rm_tokenizer = load_reward_model(paths.reward_model, generator.device)
+    rewards = score(reward_model, rm_tokenizer, [conversation_ids(rm_tokenizer, m, r) for m, r in zip(messages, responses)])
+    del reward_model
+
+    reference = None
+    if params.reference_model != model_name:
+        reference = load_for_inference(cfg.models[params.reference_model], dtype=model.dtype).to(generator.device).eval()
+        if reference.config.vocab_size != model.config.vocab_size:
+            log.warning("%s and %s have different vocabularies: no KL", model_name, params.reference_model)
+            reference = None
+    records = []
+    for prompt, message, response, reward in zip(prompts, messages, responses, rewards):
+        prompt_ids = tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=False)
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        kl = response_kl(model, reference, list(prompt_ids), response_ids) if reference is not None else 0.0
+        records.append({**prompt, "model": model_name, "response": response, "reward": reward,
+                        "refused": is_refusal(response), "kl_to_reference": kl, "response_tokens": len(response_ids)})
+
+    metrics = {
+        "model": model_name, "checkpoint": model_path, "prompts": len(records), "prompts_left_out_as_seen": dropped,
+        "reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
+        **refusal_rates(records),
+        "perplexity": perplexity(model, tokenizer, texts),
+        "kl_to_reference": statistics.fmean(r["kl_to_reference"] for r in records) if reference is not None or params.reference_model == model_name else None,
+        "reference": params.reference_model,
+        "response_tokens_mean": statistics.fmean(r["response_tokens"] for r in records),
+        "empty_responses": sum(not r["response"] for r in records),
+    }
+    out = Path(paths.evaluation) / f"{model_name}.jsonl"
+    contracts.validate("evaluation", records, out)
+    with atomic_path(out) as tmp, atomic_path(Path(paths.metrics) / "evaluate" / f"{model_name}.json") as tmp_metrics:
+        dump_jsonl(records, tmp)
+        dump_json(metrics, tmp_metrics)
+    log.info("%s: reward %.3f +- %.3f, harmful refused %.2f, benign refused %.2f, perplexity %.2f, KL to %s %s, %.1f tokens",
+             model_name, metrics["reward_mean"], metrics["reward_std"], metrics["harmful_refusal_rate"],
+             metrics["over_refusal_rate"], metrics["perplexity"], params.reference_model,
+             "n/a" if metrics["kl_to_reference"] is None else f"{metrics['kl_to_reference']:.3f}", metrics["response_tokens_mean"])

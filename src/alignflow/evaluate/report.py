@@ -1,0 +1,210 @@
+"""Stage `report`: `paths.report` (reports/report.md), every model against every metric, with its lineage.
+
+    alignflow report                    # reads params.yaml: evaluate, paths
+
+Reads:  `<paths.metrics>/evaluation.json` (the compare stage), `<paths.evaluation>/<model>.jsonl` (example
+        responses), the training stages' metrics (`<paths.metrics>/{sft,reward_model,ppo,dpo,orpo}.json`), the
+        figures under `<paths.plots>/evaluation/`, and the DVC pipeline itself for the lineage.
+Writes: `paths.report`: a table of every model against every metric (the numbers are the metrics file's,
+        rounded for reading), the figures, what each training stage cost, each model's lineage (the stage
+        that wrote it, the checkpoint it was trained from, data and params, with the hashes DVC records in dvc.lock), and
+        a few prompts with every model's response side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from alignflow.core.io import InputError, atomic_path, read_jsonl
+from alignflow.core.params import Params
+
+log = logging.getLogger(__name__)
+
+TRAINING = {  # stage -> (metrics file, what to show beside its cost)
+    "sft": ("sft.json", [("eval_loss_before", "held-out loss before"), ("eval_loss", "after")]),
+    "reward_model": ("reward_model.json", [("eval_accuracy_before_training", "held-out accuracy before"), ("eval_accuracy", "after")]),
+    "ppo": ("ppo.json", [("eval_reward_before", "held-out reward before"), ("eval_reward", "after")]),
+    "dpo": ("dpo.json", [("eval_reward_margin_before", "held-out margin before"), ("eval_reward_margin", "after")]),
+    "orpo": ("orpo.json", [("eval_log_odds_ratio_before", "held-out log odds ratio before"), ("eval_log_odds_ratio", "after")]),
+}
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def model_table(result: dict[str, Any], order: list[str]) -> list[str]:
+    ref = result["reference"]
+    rows = [f"| model | reward (mean ± sd) | win / tie / loss vs {ref} | harmful refused | benign refused | "
+            f"alarming-benign refused | perplexity | × base | KL to {ref} | tokens |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        m = result["models"][name]
+        wtl = "reference" if name == ref else f"{fmt(m['win_rate'], 2)} / {fmt(m['tie_rate'], 2)} / {fmt(m['loss_rate'], 2)}"
+        rows.append(f"| {name} | {fmt(m['reward_mean'])} ± {fmt(m['reward_std'])} | {wtl} | {fmt(m['harmful_refusal_rate'], 2)} | "
+                    f"{fmt(m['refusal_rate']['benign'], 2)} | {fmt(m['refusal_rate']['benign_alarming'], 2)} | "
+                    f"{fmt(m['perplexity'], 2)} | {fmt(m.get('perplexity_ratio_to_base'), 2)} | {fmt(m['kl_to_reference'])} | "
+                    f"{fmt(m['response_tokens_mean'], 1)} |")
+    return rows
+
+
+def human_section(result: dict[str, Any], order: list[str]) -> list[str]:
+    """People's A/B answers (`alignflow annotate ab <model>`), where there are any."""
+    rows = [f"| model (vs {result['reference']}, or X vs Y) | win / tie / loss | prompts | answers | annotators | agreement between them "
+            "(kappa) | agreement with the judge (kappa) |", "|---|---|---|---|---|---|---|"]
+    blocks = [(name, result["models"][name].get("human")) for name in order] + list(result.get("human_pairs", {}).items())
+    for name, h in blocks:
+        if h:
+            between = h["agreement_between_annotators"]
+            judged = next((v for k, v in h.items() if k.startswith("agreement_with_")), {})
+            rows.append(f"| {name} | {fmt(h['win_rate'], 2)} / {fmt(h['tie_rate'], 2)} / {fmt(h['loss_rate'], 2)} | {h['comparisons']} | "
+                        f"{h['answers']} | {h['annotators']} | {fmt(between['agreement'], 2)} ({fmt(between['kappa'], 2)}) on "
+                        f"{between['shared']} | {fmt(judged.get('agreement'), 2)} ({fmt(judged.get('kappa'), 2)}) on {judged.get('shared', 0)} |")
+    if len(rows) == 2:
+        return []
+    return ["## People's A/B answers", "", *rows, "",
+            "From `alignflow annotate ab <model>` (data/ab_annotations/): per prompt the annotators' majority; identical "
+            "responses count as ties. Agreement: the share of shared prompts with the same answer.", ""]
+
+
+def cost_table(metrics_dir: Path) -> list[str]:
+    rows = ["| stage | wall time | peak memory | models held | result |", "|---|---|---|---|---|"]
+    for stage, (file, shown) in TRAINING.items():
+        path = metrics_dir / file
+        if not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        result = ", ".join(f"{label} {fmt(m.get(key))}" for key, label in shown)
+        rows.append(f"| {stage} | {m['wall_seconds'] / 60:.1f} min | {m['peak_memory_mb'] / 1024:.1f} GB "
+                    f"({m.get('peak_memory_kind', '')}) | {m.get('model_copies', 1)} | {result} |")
+    return rows if len(rows) > 2 else ["No training stage has written its metrics here."]
+
+
+def lineage(checkpoints: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """For each model: the DVC stage whose output it is, with its deps' hashes (computed as dvc.lock records
+    them), its params, and whether dvc.lock already holds those hashes."""
+    import dvc.repo
+    import yaml
+    from dvc.dependency.param import ParamsDependency
+
+    lock = yaml.safe_load(Path("dvc.lock").read_text()) if Path("dvc.lock").is_file() else {}
+    with dvc.repo.Repo(".") as repo:
+        stages = list(repo.index.stages)
+        made_by = {str(o.def_path): s for s in stages for o in s.outs}
+        directories = {path for path in made_by if Path(path).suffix == ""}  # dvc.yaml's convention
+        found = {}
+        for name, path in checkpoints.items():
+            stage = made_by.get(path)
+            if stage is None:
+                found[name] = {"stage": None}
+                continue
+            deps, params = [], {}
+            for dep in stage.deps:
+                if isinstance(dep, ParamsDependency):
+                    params.update(dep.read_params())
+                    continue
+                dep_path = str(dep.def_path)
+                kind = "code" if dep_path.startswith("src/") else "checkpoint" if dep_path in directories else "data"
+                md5 = dep.get_hash().value if Path(dep_path).exists() else None
+                deps.append({"path": dep_path, "md5": md5 or "(missing)", "kind": kind})
+            recorded = {d["path"]: d.get("md5") for d in lock.get("stages", {}).get(stage.name, {}).get("deps", [])}
+            info_file = Path(path) / "alignflow_model.json"  # a training stage's note of where it started
+            info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+            found[name] = {"stage": stage.name, "cmd": stage.cmd, "deps": deps, "params": params,
+                           "trained_from": info.get("start") or info.get("base"),
+                           "in_dvc_lock": all(recorded.get(d["path"]) == d["md5"] for d in deps)}
+    return found
+
+
+def lineage_section(found: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for name, info in found.items():
+        if info["stage"] is None:
+            lines += [f"**{name}**: not written by a stage of this pipeline.", ""]
+            continue
+        parents = [d for d in info["deps"] if d["kind"] == "checkpoint"]
+        data = [d for d in info["deps"] if d["kind"] == "data"]
+        lines.append(f"**{name}**: stage `{info['stage']}` (`{info['cmd']}`)"
+                     + ("" if info["in_dvc_lock"] else " (these hashes are not in dvc.lock yet: `dvc commit`)"))
+        if info["trained_from"]:
+            lines.append(f"- trained from: `{info['trained_from']}`")
+        lines.append("- checkpoints it read: " + (", ".join(f"`{d['path']}` {d['md5'][:10]}" for d in parents) or "none"))
+        lines.append("- data: " + (", ".join(f"`{d['path']}` {d['md5'][:10]}" for d in data) or "none"))
+        flat = {k: v for k, v in info["params"].items() if not isinstance(v, dict)}
+        for section, values in info["params"].items():
+            if isinstance(values, dict):
+                flat.update({f"{section}.{k}": v for k, v in values.items()})
+        lines.append("- params: " + ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in flat.items()))
+        lines.append("")
+    return lines
+
+
+def examples_section(params: Params, models: list[str], count: int) -> list[str]:
+    records = {m: [r for _, r in read_jsonl(Path(params.paths.evaluation) / f"{m}.jsonl")] for m in models}
+    first = records[models[0]]
+    chosen, categories = [], []
+    for record in first:  # one prompt per category, in file order, then more in the same order
+        if record["category"] not in categories:
+            categories.append(record["category"])
+            chosen.append(record["id"])
+    chosen += [r["id"] for r in first if r["id"] not in chosen]
+    lines = []
+    for pid in chosen[:count]:
+        prompt = next(r for r in first if r["id"] == pid)
+        lines += [f"**{pid}** ({prompt['category'].replace('_', ' ')}, {prompt['lang']}): {prompt['prompt']}", "",
+                  "| model | response | reward | refused |", "|---|---|---|---|"]
+        for m in models:
+            r = next(x for x in records[m] if x["id"] == pid)
+            text = r["response"].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {m} | {text[:300] + ('…' if len(text) > 300 else '') or '(empty)'} | {r['reward']:.3f} | "
+                         f"{'yes' if r['refused'] else 'no'} |")
+        lines.append("")
+    return lines
+
+
+def run(params: Params) -> None:
+    paths, cfg = params.paths, params.evaluate
+    summary_file = Path(paths.metrics) / "evaluation.json"
+    if not summary_file.is_file():
+        raise InputError(f"{summary_file}: missing; run the compare stage first (dvc repro compare)")
+    result = json.loads(summary_file.read_text())
+    order = [name for name in cfg.models if name in result["models"]]  # params.yaml's order (the file's keys are sorted)
+    report = Path(paths.report)
+    figures = Path(paths.plots) / "evaluation"
+    rel = Path(os.path.relpath(figures, report.parent))
+    detector = result["refusal_detector"]
+    lines = [
+        "# alignflow report", "",
+        f"Written by `alignflow report` (`dvc repro` / `snakemake` run it last) from `{summary_file}`. Seed {params.seed}; "
+        f"{result['prompts']} held-out prompts (`{paths.eval_prompts}`), greedy responses of at most {cfg.max_new_tokens} tokens; "
+        f"win rates against **{result['reference']}**, judged by **{result['judge']}** (both orders for an AI judge; ties apart).",
+        "", "## Every model, every metric", "", *model_table(result, order), "",
+        "Reward: the reward model's score. Refused: share of prompts whose response the refusal detector calls a refusal "
+        "(harmful: higher is safer; benign and alarming-benign: over-refusal, lower is better). Perplexity: of held-out text "
+        "unrelated to the instructions (× base above 1 = forgetting). KL: summed over a response's tokens, mean over prompts.",
+        f"Refusal detector accuracy: {fmt(detector.get('accuracy_all'))} on {detector['examples']} labelled responses "
+        f"(test split, not looked at while writing it: {fmt(detector.get('accuracy_test'))}).", "",
+        f"![win, tie and loss rates]({rel / 'win_rates.png'})", "",
+        f"![reward distributions]({rel / 'rewards.png'})", "",
+        f"![refusal rates]({rel / 'refusal.png'})", "",
+        *human_section(result, order),
+        "## What training cost", "", *cost_table(Path(paths.metrics)), "",
+        "Peak memory is the process's maximum resident set on CPU and allocated GPU memory on a GPU. Training curves: "
+        "`dvc plots show`.", "",
+        "## Lineage", "",
+        "The stage that wrote each checkpoint (and the reward model that scored them), the checkpoint it was trained "
+        "from, the checkpoints and data its stage reads (with the md5 hashes DVC records in dvc.lock), and its params.", "",
+        *lineage_section(lineage({**cfg.models, "reward model": paths.reward_model})),
+        "## Examples", "", *examples_section(params, order, cfg.examples),
+    ]
+    with atomic_path(report) as tmp:
+        tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    log.info("wrote %s: %d models", report, len(result["models"]))

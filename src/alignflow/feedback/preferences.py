@@ -1,0 +1,244 @@
+"""Stage `preferences`: rank the sampled responses with a judge and write preference pairs.
+
+    alignflow preferences                         # reads params.yaml: seed, preferences, paths
+    dvc exp run -S preferences.judge=rules        # another judge; the samples are not redrawn
+
+Reads:  `paths.samples` (the samples stage); for `judge: human` the rankings in `paths.annotations/*.jsonl`;
+        the judge model (`preferences.judge_model`, default `paths.base_model`) for `ai` and `constitution`.
+Writes: `paths.pairs`: {"id", "prompt_id", "prompt", "chosen", "rejected", "judge", "split"} (alignflow.core.pairs),
+        split by prompt so no prompt is on both sides; `paths.judgements`: every decision the judge made,
+        ties included (the audit trail); `<paths.metrics>/preferences.json`: pair counts and, for the AI judge,
+        how often the two orders agreed.
+
+Judges (`preferences.judge`; see alignflow.core.judges):
+  ai            every pair of a prompt's K responses, asked in both orders; agreeing answers make a pair,
+                disagreeing ones a tie (no pair). The judge's prompt, model and both verdicts go with the pair.
+                `tie_breaker: rules` lets the rules score settle the ties (for a weak local judge, such as the
+                bundled 135M model, which answers "A" whatever the order); `null` leaves them ties.
+  rules         checks that need no model (non-empty, no degenerate repetition, language of the prompt, length
+                band, refuses harmful / answers benign prompts); the score ranks the K responses, equal scores tie.
+  constitution  critique each response by a principle (drawn with the seed), revise it; revision > original.
+  human         people's rankings in `paths.annotations` (`alignflow annotate rank` writes them; the format is in
+                alignflow.core.annotation_log). Several annotators: each pair goes the majority's way, an even split is a
+                tie. Agreement between annotators and with `agreement_judge` (on the same pairs) is reported.
+A ranking of K responses gives all K*(K-1)/2 pairs (InstructGPT); ties give none.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from alignflow.core import contracts
+from alignflow.core.annotation_log import between_annotators, preference_sets, rank_answers, with_judge
+from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
+from alignflow.core.judges import (compare_both_orders, critique_prompt, judge_model, pairwise_judge, request_text,
+                              revision_prompt, rule_checks, rule_score)
+from alignflow.core.pairs import assign_splits, make_pair, ranking_to_pairs
+from alignflow.core.params import Params, PathParams, PreferencesParams
+
+log = logging.getLogger(__name__)
+
+
+def read_samples(path: str) -> list[dict[str, Any]]:
+    return [record for _, record in read_jsonl(path, {"prompt_id": str, "prompt": list, "harmful": bool, "responses": list})]
+
+
+# --- the four judges: samples -> (pairs, judgements, metrics) ---
+
+
+def rules_score(sample: dict[str, Any], response: str, cfg: PreferencesParams) -> int:
+    """The rules judge's score of one response to a sample's prompt (settles AI ties, checks people's pairs)."""
+    return rule_score(rule_checks(request_text(sample["prompt"]), response, sample["harmful"], cfg.rules_min_tokens,
+                                  cfg.rules_max_tokens))
+
+
+def ai_pairs(samples, judge, cfg: PreferencesParams):
+    """Every pair of a prompt's responses, judged in both orders; with `tie_breaker: rules` the rules score
+    settles the comparisons the AI judge left tied (the pair then records both)."""
+    comparisons, owners = [], []
+    for sample in samples:
+        for x, y in combinations(sample["responses"], 2):
+            comparisons.append((sample["prompt"], x, y))
+            owners.append(sample)
+    results = compare_both_orders(judge, cfg.principles, comparisons)
+    pairs, judgements, settled = [], [], 0
+    for sample, result in zip(owners, results):
+        judgements.append({"prompt_id": sample["prompt_id"], "judge": "ai", **result})
+        text = {r["id"]: r["text"] for r in sample["responses"]}
+        ai = {"kind": "ai", "model": judge.describe(), "principles": list(cfg.principles), "prompt": result["prompt"],
+              "verdicts": result["verdicts"]}
+        winner, verdict = result["winner"], ai
+        if winner is None and cfg.tie_breaker == "rules":
+            score = {i: rules_score(sample, text[i], cfg) for i in (result["first"], result["second"])}
+            if score[result["first"]] != score[result["second"]]:
+                winner = max(score, key=score.get)
+                verdict = {"kind": "rules", "settles": "ai tie", "scores": score, "ai": ai}
+                settled += 1
+        if winner is None:
+            continue
+        loser = result["second"] if winner == result["first"] else result["first"]
+        pairs.append(make_pair(sample["prompt"], text[winner], text[loser], verdict))
+    answers = [v["answer"] for r in results for v in r["verdicts"]]
+    metrics = {
+        "comparisons": len(results),
+        "agreement_across_orders": sum(r["winner"] is not None for r in results) / max(1, len(results)),
+        "first_position_rate": answers.count("A") / max(1, sum(a is not None for a in answers)),
+        "unanswered": answers.count(None), "ai_ties": sum(r["winner"] is None for r in results),
+        "pairs_from_ai": len(pairs) - settled, "pairs_from_tie_breaker": settled,
+    }
+    return pairs, judgements, metrics
+
+
+def by_ai(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
+    return ai_pairs(samples, pairwise_judge(cfg, paths, seed), cfg)
+
+
+def by_rules(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
+    pairs, judgements, passed = [], [], Counter()
+    for sample in samples:
+        request = request_text(sample["prompt"])
+        scored = []
+        for response in sample["responses"]:
+            checks = rule_checks(request, response["text"], sample["harmful"], cfg.rules_min_tokens, cfg.rules_max_tokens)
+            passed.update(k for k, ok in checks.items() if ok)
+            scored.append((rule_score(checks), response))
+            judgements.append({"prompt_id": sample["prompt_id"], "judge": "rules", "response": response["id"],
+                               "checks": checks, "score": rule_score(checks)})
+        tiers = [[r["text"] for s, r in scored if s == score] for score in sorted({s for s, _ in scored}, reverse=True)]
+        score_of = {r["text"]: s for s, r in scored}
+        for chosen, rejected in ranking_to_pairs(tiers):
+            pairs.append(make_pair(sample["prompt"], chosen, rejected, {
+                "kind": "rules", "scores": {"chosen": score_of[chosen], "rejected": score_of[rejected]}}))
+    n = sum(len(s["responses"]) for s in samples)
+    return pairs, judgements, {f"pass_rate_{k}": passed[k] / n for k in
+                               ("non_empty", "no_repetition", "language_match", "length_in_band", "refusal_correct")}
+
+
+def constitution_pairs(samples, generator, principles: tuple[str, ...], max_new_tokens: int, seed: int):
+    """Critique every non-empty response by a principle drawn with the seed, then revise it; each usable
+    revision (non-empty, not the original) is preferred over its original."""
+    rng = random.Random(seed)
+    items = [(s, r, rng.choice(principles)) for s in samples for r in s["responses"] if r["text"].strip()]
+    critiques = generator.generate([critique_prompt(request_text(s["prompt"]), r["text"], p) for s, r, p in items],
+                                   max_new_tokens=max_new_tokens, seed=seed)
+    revisions = generator.generate([revision_prompt(request_text(s["prompt"]), r["text"], c.strip(), p)
+                                    for (s, r, p), c in zip(items, critiques)], max_new_tokens=max_new_tokens, seed=seed + 1)
+    pairs, judgements = [], []
+    for (sample, response, principle), critique, revision in zip(items, critiques, revisions):
+        revision, critique = revision.strip(), critique.strip()
+        judgements.append({"prompt_id": sample["prompt_id"], "judge": "constitution", "response": response["id"],
+                           "principle": principle, "critique": critique, "revision": revision})
+        if revision and revision != response["text"].strip():
+            pairs.append(make_pair(sample["prompt"], revision, response["text"], {
+                "kind": "constitution", "model": generator.describe(), "principle": principle, "critique": critique}))
+    return pairs, judgements, {"responses_revised": len(items), "revisions_unusable": len(items) - len(pairs)}
+
+
+def by_constitution(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
+    from alignflow.core.generation import OpenAIGenerator, TransformersGenerator
+
+    model = judge_model(cfg, paths)
+    generator = (OpenAIGenerator(model, api_base=cfg.api_base, api_key_env=cfg.api_key_env, temperature=0.0, top_p=1.0,
+                                 concurrency=cfg.judge_batch_size) if cfg.judge_backend == "openai"
+                 else TransformersGenerator(model, temperature=0.0, top_p=1.0, batch_size=cfg.judge_batch_size, chat_template=True))
+    return constitution_pairs(samples, generator, cfg.principles, cfg.revision_max_new_tokens, seed)
+
+
+def by_human(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
+    """People's rankings (alignflow.core.annotation_log: the logs `alignflow annotate rank` writes, or short hand-written
+    lines). Each ranking gives all its (better, worse) pairs; with several annotators each pair goes the
+    majority's way and an even split is a tie (no pair). Agreement between annotators, and with
+    `agreement_judge` on the same response pairs, goes into the metrics."""
+    if not Path(paths.annotations).is_dir() or not any(Path(paths.annotations).glob("*.jsonl")):
+        raise InputError(f"{paths.annotations}: no *.jsonl rankings (preferences.judge: human reads them; "
+                         "`alignflow annotate rank` writes them)")
+    by_pid = {s["prompt_id"]: s for s in samples}
+    answers, stale = rank_answers(paths.annotations, by_pid)
+    for where in stale:
+        log.warning("%s: a ranking of responses no longer in %s (resampled?): left out", where, paths.samples)
+    if not answers:
+        raise InputError(f"{paths.annotations}: no ranking of the current samples ({len(stale)} stale ones left out)")
+    judgements = [{"prompt_id": a["item"], "judge": "human", "annotator": a["annotator"], "ranking": a["tiers"], "source": a["where"]}
+                  for a in answers]
+    each = preference_sets(answers)  # annotator -> {(prompt_id, a, b): +1 | -1}
+    votes: dict[tuple[str, str, str], int] = {}
+    for prefs in each.values():
+        for key, sign in prefs.items():
+            votes[key] = votes.get(key, 0) + sign
+    pairs, people = [], {}
+    for (pid, a, b), total in sorted(votes.items()):
+        if total == 0:
+            continue  # annotators split evenly: a tie
+        people[(pid, a, b)] = 1 if total > 0 else -1
+        winner, loser = (a, b) if total > 0 else (b, a)
+        text = {r["id"]: r["text"] for r in by_pid[pid]["responses"]}
+        ballots = [p[(pid, a, b)] for p in each.values() if (pid, a, b) in p]
+        pairs.append(make_pair(by_pid[pid]["prompt"], text[winner], text[loser], {
+            "kind": "human", "votes_for": ballots.count(people[(pid, a, b)]), "votes_against": ballots.count(-people[(pid, a, b)])}))
+    metrics = {"rankings": len(answers), "annotators": len(each), "stale_rankings": len(stale),
+               "agreement_between_annotators": between_annotators(each)}
+    if cfg.agreement_judge:
+        metrics[f"agreement_with_{cfg.agreement_judge}_judge"] = with_judge(people, judge_preferences(
+            sorted(people), by_pid, cfg, paths, seed))
+    return pairs, judgements, metrics
+
+
+def judge_preferences(keys, by_pid, cfg: PreferencesParams, paths: PathParams, seed: int) -> dict[tuple[str, str, str], int]:
+    """`cfg.agreement_judge`'s preference on each (prompt_id, a, b): +1 for a, -1 for b; its ties are left out."""
+    out = {}
+    if cfg.agreement_judge == "rules":
+        for pid, a, b in keys:
+            text = {r["id"]: r["text"] for r in by_pid[pid]["responses"]}
+            score = [rules_score(by_pid[pid], text[i], cfg) for i in (a, b)]
+            if score[0] != score[1]:
+                out[(pid, a, b)] = 1 if score[0] > score[1] else -1
+        return out
+    text = {pid: {r["id"]: r for r in s["responses"]} for pid, s in by_pid.items()}
+    results = compare_both_orders(pairwise_judge(cfg, paths, seed), cfg.principles,
+                                  [(by_pid[pid]["prompt"], text[pid][a], text[pid][b]) for pid, a, b in keys])
+    for key, result in zip(keys, results):
+        if result["winner"] is not None:
+            out[key] = 1 if result["winner"] == key[1] else -1
+    return out
+
+
+JUDGES = {"ai": by_ai, "rules": by_rules, "constitution": by_constitution, "human": by_human}
+
+
+def run(params: Params) -> None:
+    cfg, paths = params.preferences, params.paths
+    samples = read_samples(paths.samples)
+    empty = sum(not r["text"].strip() for s in samples for r in s["responses"])
+    samples = [{**s, "responses": [r for r in s["responses"] if r["text"].strip()]} for s in samples]  # a pair needs two texts
+    pairs, judgements, judge_metrics = JUDGES[cfg.judge](samples, cfg, paths, params.seed)
+    unique = list({p["id"]: p for p in pairs}.values())  # the same two texts twice (e.g. a repeated revision) once
+    if not unique:
+        raise InputError(f"{paths.samples}: the {cfg.judge} judge preferred no response over another "
+                         f"({judge_metrics}); use a stronger judge (README: plugging in a judge server) or more samples")
+    assign_splits(unique, params.seed, cfg.eval_fraction)
+    contracts.validate("pairs", unique, paths.pairs)
+
+    split_counts = Counter(p["split"] for p in unique)
+    prompts_by_split = {s: len({p["prompt_id"] for p in unique if p["split"] == s}) for s in ("train", "eval")}
+    metrics = {
+        "judge": cfg.judge, "prompts": len(samples), "responses": sum(len(s["responses"]) for s in samples),
+        "empty_responses_skipped": empty, "pairs": len(unique), "train_pairs": split_counts["train"], "eval_pairs": split_counts["eval"],
+        "train_prompts": prompts_by_split["train"], "eval_prompts": prompts_by_split["eval"],
+        "prompts_without_pairs": len(samples) - len({p["prompt_id"] for p in unique}),
+        "mean_chosen_chars": sum(len(p["chosen"]) for p in unique) / len(unique),
+        "mean_rejected_chars": sum(len(p["rejected"]) for p in unique) / len(unique),
+        **judge_metrics,
+    }
+    with (atomic_path(paths.pairs) as tmp_pairs, atomic_path(paths.judgements) as tmp_judgements,
+          atomic_path(Path(paths.metrics) / "preferences.json") as tmp_metrics):
+        dump_jsonl(unique, tmp_pairs)
+        dump_jsonl(judgements, tmp_judgements)
+        dump_json(metrics, tmp_metrics)
+    log.info("%s judge: %d pairs (%d train / %d eval) from %d prompts; %s", cfg.judge, len(unique),
+             split_counts["train"], split_counts["eval"], len(samples),
+             ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in judge_metrics.items()))

@@ -1,0 +1,191 @@
+"""Stage `reward_model`: a Bradley-Terry reward model on the preference pairs, with TRL's RewardTrainer.
+
+    alignflow reward_model                      # reads params.yaml: seed, reward_model, paths
+    dvc exp run -S reward_model.method=full
+
+Reads:  `paths.pairs` (train pairs to learn from, eval pairs to measure on), the SFT model `paths.sft_model`
+        (on `paths.base_model`), whose weights the reward model starts from.
+Writes: `paths.reward_model/`: a plain `AutoModelForSequenceClassification` checkpoint with one output
+        (LoRA merged in) + tokenizer + `alignflow_model.json`; `<paths.metrics>/reward_model.json`;
+        `<paths.plots>/reward_model/rewards.json` (each eval pair's two rewards, a scatter for `dvc plots`) and
+        `reward_distributions.png`; training curves under `<paths.dvclive>/reward_model/`.
+Keeps:  trainer checkpoints every `reward_model.save_steps` under `<paths.checkpoints>/reward_model/<run key>/`
+        (alignflow.core.checkpoints), so a killed run resumes; deleted once the stage has finished.
+
+Loss: -log sigmoid(r_chosen - r_rejected) (+ c * mean((r_chosen + r_rejected)^2) to centre the rewards).
+Methods: `full` (every weight) or `lora` (LoRA on the backbone; the score head always trains fully).
+Metrics on the held-out pairs: accuracy (reward of chosen > rejected), mean margin, and on the same pairs
+two baselines, always-prefer-the-longer-response and a seeded coin, so a model that only learned length
+shows; `prefers_longer_rate` says how often the reward model itself picks the longer response.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignflow.core.pairs import load_preference_splits
+from alignflow.core.checkpoints import Checkpoints, hf_callbacks, open_checkpoints, whole_run_train_loss
+from alignflow.core.io import InputError, atomic_path, dump_json
+from alignflow.core.launch import is_main_process, per_device_batch, world_size
+from alignflow.core.models import Source, load_tokenizer, pick_device_dtype
+from alignflow.core.params import Params
+from alignflow.core.reward import conversation_ids, from_causal_lm, score
+
+log = logging.getLogger(__name__)
+
+
+def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(train, eval, dropped): tokenised pairs; pairs longer than max_length are dropped and counted."""
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    dropped = 0
+    for name, split in zip(splits, load_preference_splits(path)):
+        for prompt, good, bad in zip(split.prompts, split.chosen, split.rejected):
+            chosen, rejected = conversation_ids(tokenizer, prompt, good), conversation_ids(tokenizer, prompt, bad)
+            if max(len(chosen), len(rejected)) > max_length:
+                dropped += 1
+                continue
+            splits[name].append({"chosen_ids": chosen, "rejected_ids": rejected, "chosen_chars": len(good), "rejected_chars": len(bad)})
+    for name, rows in splits.items():
+        if not rows:
+            raise InputError(f"{path}: no {name} pairs of at most reward_model.max_length={max_length} tokens")
+    return splits["train"], splits["eval"], dropped
+
+
+def pairwise_metrics(pairs: list[dict[str, Any]], chosen: list[float], rejected: list[float], seed: int) -> dict[str, float]:
+    """Accuracy and margin of the rewards, and the two baselines on the same pairs (ties count half)."""
+    n = len(pairs)
+    coin = random.Random(seed)
+    longer = [1.0 if p["chosen_chars"] > p["rejected_chars"] else 0.5 if p["chosen_chars"] == p["rejected_chars"] else 0.0
+              for p in pairs]
+    picks_longer = [(c > r) == (p["chosen_chars"] > p["rejected_chars"]) for p, c, r in zip(pairs, chosen, rejected)
+                    if p["chosen_chars"] != p["rejected_chars"]]
+    return {
+        "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
+        "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
+        "baseline_longer_accuracy": sum(longer) / n,
+        "baseline_random_accuracy": sum(coin.random() < 0.5 for _ in pairs) / n,
+        "prefers_longer_rate": sum(picks_longer) / max(1, len(picks_longer)),
+        "mean_reward_chosen": sum(chosen) / n, "mean_reward_rejected": sum(rejected) / n,
+    }
+
+
+def plot_distributions(chosen: list[float], rejected: list[float], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    bins = 20
+    ax.hist(chosen, bins=bins, alpha=0.6, label=f"chosen (mean {sum(chosen) / len(chosen):.2f})", color="tab:green")
+    ax.hist(rejected, bins=bins, alpha=0.6, label=f"rejected (mean {sum(rejected) / len(rejected):.2f})", color="tab:red")
+    ax.set_xlabel("reward")
+    ax.set_ylabel("held-out responses")
+    ax.set_title("Reward model: held-out pairs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, format="png", metadata={"Software": None})
+    plt.close(fig)
+
+
+def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, device: str, checkpoints: Checkpoints):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import RewardConfig, RewardTrainer
+
+    cfg = params.reward_model
+    config = RewardConfig(
+        output_dir=str(checkpoints.run_dir), num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=per_device_batch("reward_model", cfg.batch_size),
+        per_device_eval_batch_size=cfg.batch_size,  # evaluation: the same batches as one process
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient or None,
+        eval_strategy="epoch", logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        report_to="none", seed=params.seed,
+        data_seed=params.seed, use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0,
+        activation_checkpointing=False,
+    )
+    peft_config = None
+    if cfg.method == "lora":
+        peft_config = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=list(cfg.lora_target_modules), modules_to_save=["score"])
+    keep = ["chosen_ids", "rejected_ids"]
+    return RewardTrainer(
+        model=model, args=config, processing_class=tokenizer, peft_config=peft_config,
+        callbacks=hf_callbacks(Path(params.paths.dvclive) / "reward_model", checkpoints.resume),
+        train_dataset=Dataset.from_list([{k: r[k] for k in keep} for r in train_rows]),
+        eval_dataset=Dataset.from_list([{k: r[k] for k in keep} for r in eval_rows]),
+    )
+
+
+def run(params: Params) -> None:
+    cfg, paths = params.reward_model, params.paths
+    tokenizer = load_tokenizer(Source(paths.sft_model))
+    if tokenizer.chat_template is None:
+        raise InputError(f"{paths.sft_model}: the tokenizer has no chat template; pairs are rendered with it")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_rows, eval_rows, dropped = load_pairs(paths.pairs, tokenizer, cfg.max_length)
+
+    torch.manual_seed(params.seed)  # the new score head
+    device, dtype = pick_device_dtype()
+    model = from_causal_lm(paths.sft_model, dtype=dtype).to(device)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    checkpoints = open_checkpoints(params, "reward_model", [paths.pairs, paths.sft_model])
+    trainer = make_trainer(params, model, tokenizer, train_rows, eval_rows, device, checkpoints)
+    log.info("reward model (%s) on %s: %d train / %d eval pairs (%d longer than %d tokens dropped)",
+             cfg.method, device, len(train_rows), len(eval_rows), dropped, cfg.max_length)
+
+    def measure(rows):
+        rewards = score(trainer.model, tokenizer, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], cfg.batch_size)
+        return rewards[: len(rows)], rewards[len(rows) :]
+
+    before = pairwise_metrics(eval_rows, *measure(eval_rows), params.seed)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoints.resume) if checkpoints.resume else None)
+    wall = time.perf_counter() - started
+    eval_chosen, eval_rejected = measure(eval_rows)
+    held_out = pairwise_metrics(eval_rows, eval_chosen, eval_rejected, params.seed)
+    train_acc = pairwise_metrics(train_rows, *measure(train_rows), params.seed)["accuracy"]
+
+    model = trainer.model.merge_and_unload() if cfg.method == "lora" else trainer.model
+    peak_mb = (torch.cuda.max_memory_allocated() if device == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    metrics = {
+        "method": cfg.method, **{f"eval_{k}": v for k, v in held_out.items()},
+        "eval_accuracy_before_training": before["accuracy"], "train_accuracy": train_acc,
+        "train_loss": whole_run_train_loss(trainer.state), "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+        "pairs_dropped_too_long": dropped, "steps": trainer.state.global_step,
+        "resumed_from_step": checkpoints.resumed_from_step, "wall_seconds": wall,
+        "peak_memory_mb": peak_mb, "peak_memory_kind": "cuda_allocated" if device == "cuda" else "process_max_rss",
+        "device": device, "processes": world_size(),
+    }
+    if not is_main_process():
+        return  # under accelerate launch rank 0 writes the outputs
+    plots = Path(paths.plots) / "reward_model"
+    with (atomic_path(paths.reward_model) as tmp, atomic_path(Path(paths.metrics) / "reward_model.json") as tmp_metrics,
+          atomic_path(plots / "rewards.json") as tmp_rewards, atomic_path(plots / "reward_distributions.png") as tmp_png):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        dump_json({"kind": "reward", "method": cfg.method, "base": paths.sft_model}, tmp / "alignflow_model.json")
+        dump_json(metrics, tmp_metrics)
+        dump_json([{"pair": i, "chosen": c, "rejected": r} for i, (c, r) in enumerate(zip(eval_chosen, eval_rejected))], tmp_rewards)
+        plot_distributions(eval_chosen, eval_rejected, tmp_png)
+    checkpoints.finish()
+    log.info("reward model: held-out accuracy %.3f (before training %.3f; longer-response baseline %.3f, random %.3f), "
+             "mean margin %.3f, %.0f s", held_out["accuracy"], before["accuracy"], held_out["baseline_longer_accuracy"],
+             held_out["baseline_random_accuracy"], held_out["mean_margin"], wall)
+
+
+def accelerate_section() -> str:
+    return "reward_model"  # reward_model.batch_size is the global batch under accelerate launch

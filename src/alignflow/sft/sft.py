@@ -1,0 +1,224 @@
+"""Stage `sft`: supervised fine-tuning of the base model on the train split, with TRL's SFTTrainer.
+
+    alignflow sft                   # reads params.yaml: seed, sft, paths
+    dvc exp run -S sft.method=qlora # one method as an experiment
+
+Reads:  `paths.train`, `paths.eval` (the chat `messages` of each example), `paths.base_model`.
+Writes: `paths.sft_model/` - a plain checkpoint (full, or LoRA with `lora_merge`), a peft adapter
+        (lora, qlora, prefix) or our bottleneck adapter (adapter), always with the tokenizer and chat
+        template and `alignflow_model.json` saying which (load any of them with
+        `alignflow.core.models.load_trained`); `<paths.metrics>/sft.json`; training curves under
+        `<paths.dvclive>/sft/` (DVCLive, drawn by `dvc plots show`).
+Keeps:  trainer checkpoints every `sft.save_steps` under `<paths.checkpoints>/sft/<run key>/` (not a DVC
+        output, so a killed run resumes from its last checkpoint; the key changes with params, seed, data and
+        base model: alignflow.core.checkpoints), deleted once the stage has finished.
+
+The loss is on the response tokens only: each example is a conversational prompt / completion pair,
+which TRL renders with the chat template and masks. Methods (`sft.method`):
+  full     every weight; `l2_to_pretrained` > 0 adds alpha * sum((theta - theta_0)^2) to the loss
+  lora     peft LoRA on `lora_target_modules`; `lora_merge` saves base + adapter merged
+  qlora    the base in 4-bit NF4 with double quantisation (bitsandbytes), LoRA on top
+  prefix   peft prefix tuning with `prefix_virtual_tokens`
+  adapter  bottleneck adapters after every block's MLP (alignflow.core.adapters), base frozen
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignflow.core.checkpoints import hf_callbacks, open_checkpoints, whole_run_train_loss
+from alignflow.core.io import InputError, atomic_path, dump_json, read_jsonl
+from alignflow.core.launch import is_main_process, per_device_batch, undo_eval_only_prepare, world_size
+from alignflow.core.models import Source, load_tokenizer, pick_device_dtype
+from alignflow.core.params import Params, SftParams
+
+log = logging.getLogger(__name__)
+
+
+# --- setup: data, model, method ---
+
+
+def load_split(path: str) -> list[dict[str, Any]]:
+    """Conversational prompt / completion pairs from a formatted split (the last message is the answer)."""
+    rows = []
+    for line, record in read_jsonl(path, {"messages": list}):
+        messages = record["messages"]
+        if len(messages) < 2 or messages[-1].get("role") != "assistant":
+            raise InputError(f"{path}:{line}: field 'messages': must end with an assistant message")
+        rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    return rows
+
+
+def check_target_modules(model: torch.nn.Module, targets: tuple[str, ...], where: str) -> None:
+    """Every LoRA target must name at least one linear layer of the model (peft matches name suffixes)."""
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    unmatched = [t for t in targets if t not in linear]
+    if unmatched:
+        raise InputError(f"params.yaml: sft.lora_target_modules: {unmatched} match no layer of {where}; "
+                         f"its linear layers are: {', '.join(linear)}")
+
+
+def build_model(sft: SftParams, base_path: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The model to train, with exactly the parameters of the method trainable."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if sft.method == "qlora":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=dtype, device_map=device)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
+
+    if sft.method in ("lora", "qlora"):
+        check_target_modules(model, sft.lora_target_modules, base_path)
+        config = LoraConfig(r=sft.lora_r, lora_alpha=sft.lora_alpha, lora_dropout=sft.lora_dropout,
+                            target_modules=list(sft.lora_target_modules), task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+    if sft.method == "prefix":
+        return get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=sft.prefix_virtual_tokens, task_type="CAUSAL_LM"))
+    if sft.method == "adapter":
+        from alignflow.core.adapters import add_bottleneck_adapters
+
+        return add_bottleneck_adapters(model, sft.adapter_bottleneck, sft.adapter_activation)
+    return model  # full
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total); 4-bit weights count as the parameters they stand for, as peft reports them."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+# --- train ---
+
+
+def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, run_dir: Path, device: str,
+                 resume: Path | None = None):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from alignflow.sft.sft_trainer import AlignflowSFTTrainer
+
+    sft = params.sft
+    config = SFTConfig(
+        output_dir=str(run_dir), num_train_epochs=sft.epochs, learning_rate=sft.lr, warmup_steps=sft.warmup_ratio,
+        weight_decay=sft.weight_decay, per_device_train_batch_size=per_device_batch("sft", sft.batch_size),
+        per_device_eval_batch_size=sft.batch_size,  # evaluation: the same batches as one process, so the same eval_loss
+        gradient_accumulation_steps=sft.gradient_accumulation_steps, max_length=sft.max_length,
+        eval_strategy="epoch", logging_steps=1, save_strategy="steps", save_steps=sft.save_steps, save_total_limit=2,
+        report_to="none", seed=params.seed, data_seed=params.seed, use_cpu=device == "cpu", bf16=device == "cuda",
+        dataloader_num_workers=0, completion_only_loss=True,
+        # TRL turns this on by default; it drops the past key values that prefix tuning feeds the model
+        activation_checkpointing=False,
+    )
+    return AlignflowSFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows),
+        processing_class=tokenizer, callbacks=hf_callbacks(Path(params.paths.dvclive) / "sft", resume),
+        l2_to_pretrained=sft.l2_to_pretrained if sft.method == "full" else 0.0,
+        plain_forward=sft.method == "prefix",
+    )
+
+
+# --- save_checkpoint ---
+
+
+def save_checkpoint(sft: SftParams, model, tokenizer, out: Path, base_path: str) -> str:
+    """Write the trained model so plain transformers / peft code (or our adapter loader) loads it."""
+    if sft.method == "adapter":
+        from alignflow.core.adapters import save_bottleneck_adapters
+
+        save_bottleneck_adapters(model, out)
+        kind = "bottleneck_adapter"
+    elif sft.method == "full":
+        model.save_pretrained(out, safe_serialization=True)
+        kind = "full"
+    elif sft.method == "lora" and sft.lora_merge:
+        model.merge_and_unload().save_pretrained(out, safe_serialization=True)
+        kind = "full"
+    else:
+        model.save_pretrained(out)  # peft: adapter_config.json + adapter_model.safetensors
+        kind = "peft"
+    tokenizer.save_pretrained(out)
+    dump_json({"kind": kind, "method": sft.method, "base": base_path}, out / "alignflow_model.json")
+    return kind
+
+
+def run(params: Params) -> None:
+    sft, paths = params.sft, params.paths
+    if sft.lora_merge and sft.method != "lora":
+        raise InputError(f"params.yaml: sft.lora_merge: only for method 'lora' (method is {sft.method!r})")
+    tokenizer = load_tokenizer(Source(paths.base_model))
+    if tokenizer.chat_template is None:
+        raise InputError(f"{paths.base_model}: the tokenizer has no chat template; SFT renders chat messages with it")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_rows, eval_rows = load_split(paths.train), load_split(paths.eval)
+
+    torch.manual_seed(params.seed)
+    device, dtype = pick_device_dtype()
+    model = build_model(sft, paths.base_model, device, dtype)
+    trainable, total = count_parameters(model)
+    log.info("sft %s on %s (%s): %s of %s parameters trainable (%.3f%%), %d train / %d eval examples",
+             sft.method, device, dtype, f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(train_rows), len(eval_rows))
+
+    checkpoints = open_checkpoints(params, "sft", [paths.train, paths.eval, paths.base_model])
+    resume = checkpoints.resume
+    trainer = make_trainer(params, model, tokenizer, train_rows, eval_rows, checkpoints.run_dir, device, resume)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if resume:  # the curves from the checkpoint already start with this evaluation: do not log it again
+        from transformers.integrations import DVCLiveCallback
+
+        live_callback = trainer.pop_callback(DVCLiveCallback)
+        eval_before = trainer.evaluate()["eval_loss"]
+        if live_callback:  # only rank 0 has one under accelerate launch
+            trainer.add_callback(live_callback)
+    else:
+        eval_before = trainer.evaluate()["eval_loss"]
+    undo_eval_only_prepare(trainer)  # else, on several processes, train() would not sync their gradients
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    wall = time.perf_counter() - started
+    evaluation = trainer.evaluate()
+
+    tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * sft.epochs
+    tokens *= 1 - checkpoints.resumed_from_step / max(trainer.state.global_step, 1)  # those trained in this call
+    peak_mb = (torch.cuda.max_memory_allocated() if device == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    metrics = {
+        "method": sft.method, "train_loss": whole_run_train_loss(trainer.state),
+        "eval_loss_before": eval_before, "eval_loss": evaluation["eval_loss"],
+        "eval_perplexity": math.exp(min(evaluation["eval_loss"], 50)),
+        "trainable_parameters": trainable, "total_parameters": total, "trainable_percent": 100 * trainable / total,
+        "model_memory_mb": trainer.model.get_memory_footprint() / 2**20,
+        "peak_memory_mb": peak_mb, "peak_memory_kind": "cuda_allocated" if device == "cuda" else "process_max_rss",
+        "tokens_per_second": tokens / wall, "wall_seconds": wall, "steps": trainer.state.global_step,
+        "resumed_from_step": checkpoints.resumed_from_step, "device": device, "processes": world_size(),
+    }
+    if not is_main_process():
+        return  # under accelerate launch rank 0 writes the outputs
+    with atomic_path(paths.sft_model) as tmp, atomic_path(Path(paths.metrics) / "sft.json") as tmp_metrics:
+        kind = save_checkpoint(sft, trainer.model, tokenizer, tmp, paths.base_model)
+        dump_json(metrics, tmp_metrics)
+    checkpoints.finish()  # the checkpoints for resuming are not needed any more
+    log.info("wrote %s (%s): eval loss %.4f, perplexity %.2f, %.0f tokens/s, %.0f s",
+             paths.sft_model, kind, metrics["eval_loss"], metrics["eval_perplexity"], metrics["tokens_per_second"], wall)
+
+
+def accelerate_section() -> str:
+    return "sft"  # sft.batch_size is the global batch under accelerate launch
