@@ -9,8 +9,9 @@ import pytest
 from alignflow.core.io import InputError
 from alignflow.core.params import load_params
 from alignflow.data import filter as filter_stage
-from alignflow.data.filter import blacklist_matcher
-from conftest import alignflow, tiny_params, write_params
+from alignflow.data.filter import blacklist_matcher, seeded_pool
+from alignflow.data.records import read_seed_tasks
+from conftest import SHARED_SEEDS, alignflow, tiny_params, write_params
 
 
 def rec(i, instruction, output="an answer", **extra):
@@ -45,6 +46,42 @@ def test_each_rule_and_counts(workdir, tiny_model_dir):
     assert kept == ["m0", "m9", "m11"]
     assert metrics == {"in": 13, "kept": 3, "dropped": {"empty_output": 1, "invalid_text": 1, "too_short": 1, "too_long": 1,
                        "blacklist": 2, "punctuation": 1, "near_duplicate": 3}}
+
+
+def seed(i, instruction):
+    return {"id": f"s{i}", "name": f"seed_{i}", "instruction": instruction,
+            "instances": [{"input": "", "output": "an answer"}], "is_classification": False}
+
+
+def test_every_seed_is_in_the_pool_even_one_near_another(workdir, tiny_model_dir):
+    """Seed s1 is a near-duplicate of seed s0 (F 0.82); it still counts, so a machine instruction near s1
+    (F 0.82 against it, 0.63 against s0) is dropped."""
+    params = load_params(write_params(workdir, tiny_params(tiny_model_dir)))
+    seeds = workdir / "data" / "seeds"
+    for old in seeds.glob("*.jsonl"):
+        old.unlink()
+    (seeds / "pair.jsonl").write_text("".join(json.dumps(s) + "\n" for s in [
+        seed(0, "Write a conversation based on the given facts."), seed(1, "Write a cover letter based on the given facts.")]))
+    generated = workdir / params.paths.generated
+    generated.parent.mkdir(parents=True)
+    generated.write_text("".join(json.dumps(r) + "\n" for r in [
+        rec(0, "Write a cover letter for the given facts."), rec(1, "Plan a three-day trip to the mountains.")]))
+    filter_stage.run(params)
+    kept = [json.loads(line)["id"] for line in (workdir / params.paths.filtered).read_text().splitlines()]
+    assert kept == ["m1"]
+    assert json.loads((workdir / "metrics" / "filter.json").read_text())["dropped"]["near_duplicate"] == 1
+
+
+def test_shared_seeds_all_in_the_pool():
+    """Of the 175 Self-Instruct seeds, seed_task_74 and seed_task_113 are near-duplicates of earlier seeds;
+    both are in the pool, so an instruction near seed 74 (F 0.82) is dropped, and matched to it."""
+    seeds = read_seed_tasks(SHARED_SEEDS)
+    assert len(seeds) == 175
+    pool = seeded_pool([s["instruction"] for s in seeds], 0.7)
+    kept, score, match = pool.add("Write a cover letter for the given facts.")
+    assert (kept, seeds[match]["id"]) == (False, "seed_task_74") and score == pytest.approx(14 / 17)
+    assert pool.add("Use a positive stereotype to complete this sentence.")[2] == 113  # F 0.88; 0.63 vs seed 77
+    assert pool.add("Plan a three-day trip to the mountains.")[0]
 
 
 def test_blacklist_matches_whole_latin_words_and_cjk_substrings():

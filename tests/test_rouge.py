@@ -213,6 +213,16 @@ def test_filter_equals_brute_force_chinese():
     check_filter(texts, [list(t) for t in texts])
 
 
+def test_add_unchecked_keeps_a_near_duplicate():
+    flt = rouge.NearDuplicateFilter(0.7)
+    assert flt.add_unchecked("Write a conversation based on the given facts.") == 0
+    assert flt.add_unchecked("Write a cover letter based on the given facts.") == 1  # F 0.82 against 0: kept anyway
+    kept, score, match = flt.add("Write a cover letter for the given facts.")
+    assert (kept, match) == (False, 1) and score == pytest.approx(14 / 17)
+    assert flt.add("Plan a three-day trip to the mountains.") == (True, 0.0, None)
+    assert flt.add_unchecked("") == 4  # no tokens: kept, indices still count every call
+
+
 # ------------------------------------------------------ (e) threshold boundary
 
 

@@ -113,9 +113,11 @@ class NearDuplicateFilter:
     """Order-dependent ROUGE-L dedup: keep an item unless a kept one scores > threshold.
 
     ``add`` returns ``(kept, score, match)``: ``match`` is the index (in the
-    order of ``add`` calls) of a kept item scoring above the threshold, or None.
-    ``score`` is that item's score when dropped, else the best score among the
-    pairs actually scored (pruned pairs are known to be <= threshold).
+    order of ``add`` / ``add_unchecked`` calls) of a kept item scoring above the
+    threshold, or None. ``score`` is that item's score when dropped, else the best
+    score among the pairs actually scored (pruned pairs are known to be <= threshold).
+    ``add_unchecked`` keeps an item without comparing it (Self-Instruct's seeds:
+    every one is in the pool, however close two of them are).
     """
 
     def __init__(self, threshold: float = 0.7):
@@ -166,6 +168,12 @@ class NearDuplicateFilter:
             slots, counts = self._postings[tok]
             slots.append(slot)
             counts.append(count)
+
+    def add_unchecked(self, text: str) -> int:
+        """Keep ``text`` whatever it scores against the kept items; returns its index."""
+        self._keep(self._ids(text))
+        self._n_added += 1
+        return self._n_added - 1
 
     def add(self, text: str) -> tuple[bool, float, int | None]:
         """Offer ``text``; keep it unless a kept item scores above the threshold."""

@@ -14,8 +14,9 @@ Rules, applied in this order (a record is counted under the first rule it breaks
   too_long       more than `max_tokens`
   blacklist      contains a blacklisted keyword (whole word for Latin text, substring for CJK)
   punctuation    starts with punctuation
-  near_duplicate ROUGE-L F above `rouge_threshold` against a seed instruction or an instruction kept
-                 before it (exact, see alignflow.core.rouge; the seeds come first, as in Self-Instruct)
+  near_duplicate ROUGE-L F above `rouge_threshold` against any seed instruction or an instruction kept
+                 before it (exact, see alignflow.core.rouge; as in Self-Instruct, every seed is in the pool,
+                 even one close to another seed)
 """
 
 from __future__ import annotations
@@ -68,14 +69,20 @@ def first_rule_broken(record: dict[str, Any], p: FilterParams, blacklisted) -> s
     return None
 
 
+def seeded_pool(seed_instructions: list[str], threshold: float) -> NearDuplicateFilter:
+    """The near-duplicate pool before any machine instruction: every seed, unchecked (never written out)."""
+    pool = NearDuplicateFilter(threshold=threshold)
+    for instruction in seed_instructions:
+        pool.add_unchecked(instruction)
+    return pool
+
+
 def run(params: Params) -> None:
     p, paths = params.filter, params.paths
     records = [record for _, record in read_jsonl(paths.generated, RECORD_FIELDS)]
 
     blacklisted = blacklist_matcher(p.blacklist)
-    dedup = NearDuplicateFilter(threshold=p.rouge_threshold)
-    for seed in read_seed_tasks(paths.seeds):
-        dedup.add(seed["instruction"])  # seeds are the first "kept" instructions; never written out
+    dedup = seeded_pool([seed["instruction"] for seed in read_seed_tasks(paths.seeds)], p.rouge_threshold)
 
     dropped = dict.fromkeys(RULES, 0)
     kept = []
