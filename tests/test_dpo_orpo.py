@@ -37,6 +37,22 @@ def test_orpo_metrics_follow_the_loss_formula():
     assert m["preference_accuracy"] == 1.0
 
 
+@pytest.mark.parametrize("mean_logp", [-1e-9, -1e-7, -1e-6, -1e-5, -1e-3, -0.5, -0.6931, -0.6932, -1.0, -10.0, -50.0])
+def test_log_odds_near_zero_match_float64(mean_logp):
+    """float32 log odds within a few float32 ulps of the float64 value, as P -> 1 too (no clamp: -1e-9 gives 20.7;
+    the old clamp at 1 - 1e-7 was off by 1.3e-2 at -1e-6 and stopped at 15.9)."""
+    x = torch.tensor([mean_logp], dtype=torch.float32)
+    v = x.double().item()  # the float32 input, exactly
+    reference = v - math.log(-math.expm1(v))
+    assert log_odds(x).item() == pytest.approx(reference, rel=2e-7, abs=1e-7)
+
+
+def test_log_odds_do_not_saturate():
+    values = log_odds(torch.tensor([-1e-6, -1e-7, -1e-8, -1e-9, -1e-10], dtype=torch.float32)).tolist()
+    assert values == sorted(values) and values[-1] == pytest.approx(23.03, abs=0.01)  # log(1 / 1e-10)
+    assert log_odds(torch.tensor([0.0])).item() == math.inf  # P = 1: infinite odds, not a clamped number
+
+
 @pytest.fixture
 def pairs_workdir(workdir, tiny_model_dir):
     shutil.copytree(tiny_model_dir, workdir / "models" / "sft")

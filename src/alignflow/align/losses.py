@@ -28,9 +28,18 @@ def dpo_metrics(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float) -
     }
 
 
+LOG_HALF = -0.6931471805599453  # log(1/2)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurately (Maechler, 2012; TRL's ORPO trainer uses the same form):
+    log1p(-exp(x)) below log(1/2), log(-expm1(x)) above, where 1 - exp(x) would cancel."""
+    return torch.where(x < LOG_HALF, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
 def log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
-    """log(P / (1 - P)) from log P, stably."""
-    return mean_logps - torch.log1p(-torch.exp(mean_logps).clamp(max=1 - 1e-7))
+    """log(P / (1 - P)) from log P, stably and unclamped (+inf only at log P = 0 exactly, i.e. P = 1)."""
+    return mean_logps - log1mexp(mean_logps)
 
 
 def orpo_metrics(chosen_mean_logps, rejected_mean_logps, lam: float) -> dict[str, float]:
