@@ -77,6 +77,9 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     params["ppo"].update(iterations=2, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=8)
     params["dpo"].update(epochs=1, batch_size=4, max_length=256)
     params["orpo"].update(epochs=1, batch_size=4, max_length=256)
+    params["ipo"].update(epochs=1, batch_size=4, max_length=256)
+    params["simpo"].update(epochs=1, batch_size=4, max_length=256)
+    params["grpo"].update(epochs=1, batch_size=4, num_generations=2, max_new_tokens=8)
     params["evaluate"].update(max_new_tokens=8)
     for dotted, value in overrides.items():
         section, key = dotted.split("__")

@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from alignflow.core.params import ParamsError, load_params, section_fields
+from alignflow.core.params import ParamsError, load_params, schema_keys, section_fields
 from conftest import ROOT, alignflow, make_repo, sh, tiny_params, write_params
 
 SCHEMA = yaml.safe_load((ROOT / "workflow/schemas/params.schema.yaml").read_text())
@@ -19,12 +19,39 @@ def test_project_params_are_valid():
     assert params.model.name_or_path == "embedded:smollm2"
 
 
+def required_keys(section: dict) -> set[str]:
+    """A section's required keys, its blocks' ($defs, through allOf) included."""
+    keys = set(section.get("required", []))
+    for part in section.get("allOf", []):
+        keys |= required_keys(SCHEMA["$defs"][part["$ref"].rsplit("/", 1)[-1]])
+    return keys
+
+
 def test_typed_settings_have_exactly_the_schema_keys():
     fields = section_fields()
     assert set(fields) | {"seed"} == set(SCHEMA["properties"])
     for section, names in fields.items():
-        assert sorted(names) == sorted(SCHEMA["properties"][section]["properties"]), section
-        assert sorted(SCHEMA["properties"][section]["required"]) == sorted(names), section
+        assert sorted(names) == sorted(schema_keys(SCHEMA["properties"][section], SCHEMA)), section
+        assert sorted(required_keys(SCHEMA["properties"][section])) == sorted(names), section
+
+
+def test_shared_blocks_are_written_once():
+    """The LoRA and Trainer blocks: one $defs entry each, one dataclass each, taken in by every training section."""
+    import typing
+
+    from alignflow.core.params import LoraParams, Params, TrainingParams
+
+    hints = typing.get_type_hints(Params)
+    for section in ("sft", "reward_model", "grpo", "dpo", "ipo", "orpo", "simpo"):
+        assert SCHEMA["properties"][section]["allOf"] == [{"$ref": "#/$defs/training"}], section
+        assert issubclass(hints[section], TrainingParams), section
+    assert SCHEMA["properties"]["ppo"]["allOf"] == [{"$ref": "#/$defs/lora"}]
+    assert issubclass(hints["ppo"], LoraParams) and issubclass(TrainingParams, LoraParams)
+    for section in SCHEMA["properties"].values():  # no section restates a block's key with its own (laxer) rule
+        for part in section.get("allOf", []):
+            block = SCHEMA["$defs"][part["$ref"].rsplit("/", 1)[-1]]
+            restated = set(section.get("properties", {})) & set(block["properties"]) - {"method", "learning_rate"}
+            assert not restated, restated
 
 
 def _bad(tmp_path, section, key, value, drop=None):

@@ -1,25 +1,39 @@
-"""Stage `align@<method>`: train one alignment method of `alignment.methods` from the same SFT model and data.
+"""Stage `align@<method>`: train one alignment method of `alignment.methods` (the table: alignflow.align.methods).
 
     alignflow align dpo             # reads params.yaml: seed, <method>, paths
-    dvc repro align@dpo             # one stage per entry of alignment.methods
+    dvc repro align@grpo            # one DVC stage per entry of alignment.methods
+    dvc exp run -S dpo.beta=0.3     # reruns align@dpo and what depends on it, nothing else
 
-Which methods exist, what each starts from and reads, is the table in alignflow.align.methods.
+Reads:  `paths.pairs` (their train pairs, or for the online methods their train prompts; the eval split measures),
+        the model the method starts from (`paths.sft_model`; ORPO: `paths.base_model`), and for PPO / GRPO the reward
+        model `paths.reward_model`.
+Writes: `<paths.aligned>/<method>/` (a plain checkpoint, LoRA merged in), `<paths.metrics>/<method>.json`, curves
+        under `<paths.dvclive>/<method>/` (alignflow.align.policy).
 """
 
 from __future__ import annotations
 
-from alignflow.align.methods import METHODS, method
+from alignflow.align.methods import method
 from alignflow.core.params import Params
 
 
 def accelerate_section(name: str) -> str | None:
     """The params section whose batch accelerate splits, for a method trained by an HF / TRL Trainer; None for
     one that runs as one process (our PPO)."""
-    return name if method(name).trainer else None
+    return name if method(name).accelerate else None
 
 
 def run(params: Params, name: str) -> None:
-    method(name).run(params)
+    entry = method(name)
+    if entry.reads == "pairs":
+        from alignflow.align import preference
 
+        preference.run(params, entry)
+    elif name == "ppo":
+        from alignflow.align.ppo import ppo
 
-__all__ = ["METHODS", "accelerate_section", "run"]
+        ppo.run(params)
+    else:
+        from alignflow.align import grpo
+
+        grpo.run(params)

@@ -1,4 +1,4 @@
-"""The DPO and ORPO objectives on log-probabilities, and the log-probabilities of responses under a model.
+"""The DPO, IPO, ORPO and SimPO objectives on log-probabilities, and the log-probabilities of responses under a model.
 
     logps = response_logps(model, tokenizer, prompts, responses)           # sum over response tokens
     m = dpo_metrics(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1)
@@ -7,6 +7,7 @@ DPO (Rafailov et al., 2023):  loss = -log sigmoid(beta * ((log pi_w - log ref_w)
   implicit rewards beta * (log pi - log ref); accuracy = reward_w > reward_l.
 ORPO (Hong et al., 2024):     loss = NLL(chosen) + lambda * -log sigmoid(log odds(y_w) - log odds(y_l)),
   odds(y) = P / (1 - P) with P the geometric-mean token probability (exp of the mean log-prob).
+IPO (Azar et al., 2024) and SimPO (Meng et al., 2024): see `ipo_metrics`, `simpo_metrics`.
 The stages train with TRL's trainers and use these to report held-out metrics with the same formulas;
 tests check them on hand-worked numbers.
 """
@@ -81,3 +82,21 @@ def response_logps(model, tokenizer, prompts, responses, batch_size: int = 8) ->
             sums.append(picked.sum())
             means.append(picked.mean())
     return torch.stack(sums).cpu(), torch.stack(means).cpu()
+
+
+def ipo_metrics(pi_chosen_mean, pi_rejected_mean, ref_chosen_mean, ref_rejected_mean, tau: float) -> dict[str, float]:
+    """IPO (Azar et al., 2024, eq. 17): loss = (h - 1 / (2 tau))^2 with h the log-ratio margin
+    (log pi_w - log ref_w) - (log pi_l - log ref_l); per token (mean log-probs), as TRL trains it (its code notes the
+    IPO authors' results use this normalised form). accuracy = h > 0."""
+    margin = (pi_chosen_mean - ref_chosen_mean) - (pi_rejected_mean - ref_rejected_mean)
+    return {"loss": ((margin - 1 / (2 * tau)) ** 2).mean().item(), "logratio_margin": margin.mean().item(),
+            "preference_accuracy": (margin > 0).float().mean().item(), "target_margin": 1 / (2 * tau)}
+
+
+def simpo_metrics(chosen_mean_logps, rejected_mean_logps, beta: float, gamma: float) -> dict[str, float]:
+    """SimPO (Meng et al., 2024, eq. 6): reward r(y) = beta / |y| * log pi(y) = beta * mean token log-prob;
+    loss = -log sigmoid(r_w - r_l - gamma); accuracy = r_w > r_l. No reference model."""
+    chosen, rejected = beta * chosen_mean_logps, beta * rejected_mean_logps
+    return {"loss": (-F.logsigmoid(chosen - rejected - gamma)).mean().item(), "reward_margin": (chosen - rejected).mean().item(),
+            "reward_accuracy": (chosen > rejected).float().mean().item(), "chosen_reward": chosen.mean().item(),
+            "rejected_reward": rejected.mean().item()}

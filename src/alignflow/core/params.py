@@ -107,21 +107,38 @@ class DistributedParams:
 
 
 @dataclass(frozen=True)
-class SftParams:
-    method: str
-    epochs: float
-    learning_rate: float | None
-    warmup_ratio: float
-    weight_decay: float
-    batch_size: int
-    gradient_accumulation_steps: int
-    max_length: int
-    save_steps: int
-    l2_to_pretrained: float
+class LoraParams:
+    """The LoRA block every training section has (schema: $defs/lora); core.training.lora_config reads it."""
+
+    method: str  # full | lora | ... (each section's schema lists its own)
     lora_r: int
     lora_alpha: float
     lora_dropout: float
     lora_target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TrainingParams(LoraParams):
+    """The Trainer block of every section an HF / TRL Trainer trains (schema: $defs/training); core.training
+    turns it into TrainingArguments."""
+
+    epochs: float
+    learning_rate: float | None  # null only in sft: the method's default
+    warmup_ratio: float
+    weight_decay: float
+    batch_size: int  # the global batch, split across processes under accelerate launch
+    gradient_accumulation_steps: int
+    max_length: int
+    save_steps: int
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate
+
+
+@dataclass(frozen=True)
+class SftParams(TrainingParams):
+    l2_to_pretrained: float
     lora_merge: bool
     prefix_virtual_tokens: int
     adapter_bottleneck: int
@@ -165,21 +182,8 @@ class PreferencesParams:
 
 
 @dataclass(frozen=True)
-class RewardModelParams:
-    method: str
-    epochs: float
-    learning_rate: float
-    warmup_ratio: float
-    weight_decay: float
-    batch_size: int
-    gradient_accumulation_steps: int
-    max_length: int
-    save_steps: int
+class RewardModelParams(TrainingParams):
     center_rewards_coefficient: float
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    lora_target_modules: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -188,8 +192,9 @@ class AlignmentParams:
 
 
 @dataclass(frozen=True)
-class PpoParams:
-    method: str
+class PpoParams(LoraParams):
+    """Our PPO (align/ppo): the stage builds its PPOConfig from these (and the seed)."""
+
     iterations: int
     batch_size: int
     minibatch_size: int
@@ -200,45 +205,46 @@ class PpoParams:
     kl_coef: float
     adaptive_kl: bool
     target_kl: float
+    kl_horizon: int
     gamma: float
     lam: float
     clip_range: float
     clip_range_value: float
     value_coef: float
+    max_grad_norm: float
     stop_kl: float | None
+    whiten_advantages: bool
     save_every: int
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    lora_target_modules: tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class PreferenceTrainingParams:
-    """What the dpo and orpo sections share."""
-
-    method: str
-    epochs: float
-    learning_rate: float
-    warmup_ratio: float
-    batch_size: int
-    gradient_accumulation_steps: int
-    max_length: int
-    save_steps: int
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    lora_target_modules: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class DpoParams(PreferenceTrainingParams):
+class GrpoParams(TrainingParams):
+    reward: str  # reward_model | rules
+    num_generations: int
+    max_new_tokens: int
+    temperature: float
     beta: float
 
 
 @dataclass(frozen=True)
-class OrpoParams(PreferenceTrainingParams):
+class DpoParams(TrainingParams):
+    beta: float
+
+
+@dataclass(frozen=True)
+class IpoParams(TrainingParams):
+    tau: float
+
+
+@dataclass(frozen=True)
+class OrpoParams(TrainingParams):
     lam: float
+
+
+@dataclass(frozen=True)
+class SimpoParams(TrainingParams):
+    beta: float
+    gamma: float
 
 
 @dataclass(frozen=True)
@@ -265,8 +271,11 @@ class Params:
     reward_model: RewardModelParams
     alignment: AlignmentParams
     ppo: PpoParams
+    grpo: GrpoParams
     dpo: DpoParams
+    ipo: IpoParams
     orpo: OrpoParams
+    simpo: SimpoParams
     evaluate: EvaluateParams
 
     @property
@@ -298,11 +307,21 @@ def _line_of(root: yaml.Node | None, keys: list[Any]) -> int | None:
     return line
 
 
-def _describe(error: jsonschema.ValidationError) -> tuple[list[Any], str]:
+def schema_keys(section: dict[str, Any], root_schema: dict[str, Any]) -> set[str]:
+    """The keys a section of the schema allows: its own properties and those of the blocks it takes in (allOf $ref)."""
+    keys = set(section.get("properties", {}))
+    for part in section.get("allOf", []):
+        ref = part.get("$ref", "")
+        block = root_schema["$defs"][ref.rsplit("/", 1)[-1]] if ref.startswith("#/$defs/") else part
+        keys |= schema_keys(block, root_schema)
+    return keys
+
+
+def _describe(error: jsonschema.ValidationError, root_schema: dict[str, Any]) -> tuple[list[Any], str]:
     """The offending key path and a message that says what was expected."""
     path = list(error.absolute_path)
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
+    if error.validator in ("additionalProperties", "unevaluatedProperties"):
+        allowed = sorted(schema_keys(error.schema, root_schema))
         extra = sorted(set(error.instance) - set(allowed))
         return path + extra[:1], f"unknown key {extra[0]!r}; expected one of: {', '.join(allowed)}"
     if error.validator == "required":
@@ -315,12 +334,14 @@ def validate(data: Any, params_file: Path, text: str) -> None:
     schema = yaml.safe_load(schema_path(params_file).read_text(encoding="utf-8"))
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+    # a known key with a bad value inside a block ($defs) also counts as "unevaluated": only its own error is shown
+    errors = [e for e in errors if e.validator != "unevaluatedProperties" or set(e.instance) - schema_keys(e.schema, schema)]
     if not errors:
         return
     root = yaml.compose(text)
     lines = []
     for error in errors:
-        path, message = _describe(error)
+        path, message = _describe(error, schema)
         line = _line_of(root, path)
         where = f"{params_file}:{line}" if line else str(params_file)
         dotted = ".".join(map(str, path)) or "(top level)"

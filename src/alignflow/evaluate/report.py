@@ -3,7 +3,7 @@
     alignflow report                    # reads params.yaml: evaluate, paths
 
 Reads:  `<paths.metrics>/evaluation.json` (the compare stage), `<paths.evaluation>/<model>.jsonl` (example
-        responses), the training stages' metrics (`<paths.metrics>/{sft,reward_model,ppo,dpo,orpo}.json`), the
+        responses), the training stages' metrics (`<paths.metrics>/{sft,reward_model,<method>}.json`), the
         figures under `<paths.plots>/evaluation/`, and the DVC pipeline itself for the lineage.
 Writes: `paths.report`: a table of every model against every metric (the numbers are the metrics file's,
         rounded for reading), the figures, what each training stage cost, each model's lineage (the stage
@@ -24,12 +24,10 @@ from alignflow.core.params import Params
 
 log = logging.getLogger(__name__)
 
-TRAINING = {  # stage -> (metrics file, what to show beside its cost)
+TRAINING = {  # the stages before alignment -> (metrics file, what to show beside its cost); each alignment method's
+    # metrics carry their own `headline` (label, before, after), so a new method needs no line here
     "sft": ("sft.json", [("eval_loss_before", "held-out loss before"), ("eval_loss", "after")]),
     "reward_model": ("reward_model.json", [("eval_accuracy_before_training", "held-out accuracy before"), ("eval_accuracy", "after")]),
-    "ppo": ("ppo.json", [("eval_reward_before", "held-out reward before"), ("eval_reward", "after")]),
-    "dpo": ("dpo.json", [("eval_reward_margin_before", "held-out margin before"), ("eval_reward_margin", "after")]),
-    "orpo": ("orpo.json", [("eval_log_odds_ratio_before", "held-out log odds ratio before"), ("eval_log_odds_ratio", "after")]),
 }
 
 
@@ -75,14 +73,18 @@ def human_section(result: dict[str, Any], order: list[str]) -> list[str]:
             "responses count as ties. Agreement: the share of shared prompts with the same answer.", ""]
 
 
-def cost_table(metrics_dir: Path) -> list[str]:
+def cost_table(metrics_dir: Path, methods: tuple[str, ...]) -> list[str]:
     rows = ["| stage | wall time | peak memory | models held | result |", "|---|---|---|---|---|"]
-    for stage, (file, shown) in TRAINING.items():
+    for stage, (file, shown) in {**TRAINING, **{m: (f"{m}.json", None) for m in methods}}.items():
         path = metrics_dir / file
         if not path.is_file():
             continue
         m = json.loads(path.read_text())
-        result = ", ".join(f"{label} {fmt(m.get(key))}" for key, label in shown)
+        if shown is None:
+            head = m.get("headline", {})
+            result = f"{head.get('label', 'result')} before {fmt(head.get('before'))}, after {fmt(head.get('after'))}"
+        else:
+            result = ", ".join(f"{label} {fmt(m.get(key))}" for key, label in shown)
         rows.append(f"| {stage} | {m['wall_seconds'] / 60:.1f} min | {m['peak_memory_mb'] / 1024:.1f} GB "
                     f"({m.get('peak_memory_kind', '')}) | {m.get('model_copies', 1)} | {result} |")
     return rows if len(rows) > 2 else ["No training stage has written its metrics here."]
@@ -112,7 +114,7 @@ def lineage(checkpoints: dict[str, str]) -> dict[str, dict[str, Any]]:
                     params.update(dep.read_params())
                     continue
                 dep_path = str(dep.def_path)
-                kind = "code" if dep_path.startswith("src/") else "checkpoint" if dep_path in directories else "data"
+                kind = "code" if dep_path.startswith(("src/", "workflow/", "requirements/")) else "checkpoint" if dep_path in directories else "data"
                 md5 = dep.get_hash().value if Path(dep_path).exists() else None
                 deps.append({"path": dep_path, "md5": md5 or "(missing)", "kind": kind})
             recorded = {d["path"]: d.get("md5") for d in lock.get("stages", {}).get(stage.name, {}).get("deps", [])}
@@ -196,7 +198,7 @@ def run(params: Params) -> None:
         f"![reward distributions]({rel / 'rewards.png'})", "",
         f"![refusal rates]({rel / 'refusal.png'})", "",
         *human_section(result, order),
-        "## What training cost", "", *cost_table(Path(paths.metrics)), "",
+        "## What training cost", "", *cost_table(Path(paths.metrics), params.alignment.methods), "",
         "Peak memory is the process's maximum resident set on CPU and allocated GPU memory on a GPU. Training curves: "
         "`dvc plots show`.", "",
         "## Lineage", "",

@@ -23,20 +23,15 @@ from __future__ import annotations
 
 import logging
 import random
-import resource
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from alignflow.core.pairs import load_preference_splits
-from alignflow.core.checkpoints import Checkpoints, hf_callbacks, open_checkpoints, whole_run_train_loss
 from alignflow.core.io import InputError, atomic_path, dump_json
-from alignflow.core.launch import is_main_process, per_device_batch, world_size
-from alignflow.core.models import Source, load_tokenizer, pick_device_dtype
+from alignflow.core.launch import is_main_process
+from alignflow.core.pairs import load_preference_splits
 from alignflow.core.params import Params
 from alignflow.core.reward import conversation_ids, from_causal_lm, score
+from alignflow.core.training import TrainingRun, chat_tokenizer, lora_config
 
 log = logging.getLogger(__name__)
 
@@ -95,32 +90,18 @@ def plot_distributions(chosen: list[float], rejected: list[float], out: Path) ->
     plt.close(fig)
 
 
-def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, device: str, checkpoints: Checkpoints):
+def make_trainer(params: Params, run: TrainingRun, model, tokenizer, train_rows, eval_rows):
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import RewardConfig, RewardTrainer
 
     cfg = params.reward_model
-    config = RewardConfig(
-        output_dir=str(checkpoints.run_dir), num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        per_device_train_batch_size=per_device_batch("reward_model", cfg.batch_size),
-        per_device_eval_batch_size=cfg.batch_size,  # evaluation: the same batches as one process
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
-        center_rewards_coefficient=cfg.center_rewards_coefficient or None,
-        eval_strategy="epoch", logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
-        report_to="none", seed=params.seed,
-        data_seed=params.seed, use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0,
-        activation_checkpointing=False,
-    )
-    peft_config = None
-    if cfg.method == "lora":
-        peft_config = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=list(cfg.lora_target_modules), modules_to_save=["score"])
+    config = RewardConfig(**run.arguments(cfg, max_length=cfg.max_length,
+                                          center_rewards_coefficient=cfg.center_rewards_coefficient or None))
     keep = ["chosen_ids", "rejected_ids"]
     return RewardTrainer(
-        model=model, args=config, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=hf_callbacks(Path(params.paths.dvclive) / "reward_model", checkpoints.resume),
+        model=model, args=config, processing_class=tokenizer,
+        peft_config=lora_config(cfg, "SEQ_CLS", modules_to_save=["score"]),  # the new score head always trains fully
+        callbacks=run.callbacks(),
         train_dataset=Dataset.from_list([{k: r[k] for k in keep} for r in train_rows]),
         eval_dataset=Dataset.from_list([{k: r[k] for k in keep} for r in eval_rows]),
     )
@@ -128,47 +109,32 @@ def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, device
 
 def run(params: Params) -> None:
     cfg, paths = params.reward_model, params.paths
-    tokenizer = load_tokenizer(Source(paths.sft_model))
-    if tokenizer.chat_template is None:
-        raise InputError(f"{paths.sft_model}: the tokenizer has no chat template; pairs are rendered with it")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = chat_tokenizer(paths.sft_model)
     train_rows, eval_rows, dropped = load_pairs(paths.pairs, tokenizer, cfg.max_length)
 
-    torch.manual_seed(params.seed)  # the new score head
-    device, dtype = pick_device_dtype()
-    model = from_causal_lm(paths.sft_model, dtype=dtype).to(device)
+    run = TrainingRun(params, "reward_model", [paths.pairs, paths.sft_model])  # seeds torch: the new score head
+    model = from_causal_lm(paths.sft_model, dtype=run.dtype).to(run.device)
     model.config.pad_token_id = tokenizer.pad_token_id
-    checkpoints = open_checkpoints(params, "reward_model", [paths.pairs, paths.sft_model])
-    trainer = make_trainer(params, model, tokenizer, train_rows, eval_rows, device, checkpoints)
+    trainer = make_trainer(params, run, model, tokenizer, train_rows, eval_rows)
     log.info("reward model (%s) on %s: %d train / %d eval pairs (%d longer than %d tokens dropped)",
-             cfg.method, device, len(train_rows), len(eval_rows), dropped, cfg.max_length)
+             cfg.method, run.device, len(train_rows), len(eval_rows), dropped, cfg.max_length)
 
     def measure(rows):
         rewards = score(trainer.model, tokenizer, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], cfg.batch_size)
         return rewards[: len(rows)], rewards[len(rows) :]
 
     before = pairwise_metrics(eval_rows, *measure(eval_rows), params.seed)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoints.resume) if checkpoints.resume else None)
-    wall = time.perf_counter() - started
+    train_loss = run.train(trainer)
     eval_chosen, eval_rejected = measure(eval_rows)
     held_out = pairwise_metrics(eval_rows, eval_chosen, eval_rejected, params.seed)
     train_acc = pairwise_metrics(train_rows, *measure(train_rows), params.seed)["accuracy"]
 
     model = trainer.model.merge_and_unload() if cfg.method == "lora" else trainer.model
-    peak_mb = (torch.cuda.max_memory_allocated() if device == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     metrics = {
         "method": cfg.method, **{f"eval_{k}": v for k, v in held_out.items()},
         "eval_accuracy_before_training": before["accuracy"], "train_accuracy": train_acc,
-        "train_loss": whole_run_train_loss(trainer.state), "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
-        "pairs_dropped_too_long": dropped, "steps": trainer.state.global_step,
-        "resumed_from_step": checkpoints.resumed_from_step, "wall_seconds": wall,
-        "peak_memory_mb": peak_mb, "peak_memory_kind": "cuda_allocated" if device == "cuda" else "process_max_rss",
-        "device": device, "processes": world_size(),
+        "train_loss": train_loss, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+        "pairs_dropped_too_long": dropped, "steps": trainer.state.global_step, **run.metrics(),
     }
     if not is_main_process():
         return  # under accelerate launch rank 0 writes the outputs
@@ -181,10 +147,10 @@ def run(params: Params) -> None:
         dump_json(metrics, tmp_metrics)
         dump_json([{"pair": i, "chosen": c, "rejected": r} for i, (c, r) in enumerate(zip(eval_chosen, eval_rejected))], tmp_rewards)
         plot_distributions(eval_chosen, eval_rejected, tmp_png)
-    checkpoints.finish()
+    run.finish()
     log.info("reward model: held-out accuracy %.3f (before training %.3f; longer-response baseline %.3f, random %.3f), "
              "mean margin %.3f, %.0f s", held_out["accuracy"], before["accuracy"], held_out["baseline_longer_accuracy"],
-             held_out["baseline_random_accuracy"], held_out["mean_margin"], wall)
+             held_out["baseline_random_accuracy"], held_out["mean_margin"], run.wall)
 
 
 def accelerate_section() -> str:

@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alignflow.core.checkpoints import hf_callbacks, open_checkpoints, whole_run_train_loss
 from alignflow.core.io import InputError, atomic_path, dump_json, read_jsonl
-from alignflow.core.launch import is_main_process, per_device_batch, undo_eval_only_prepare, world_size
-from alignflow.core.models import Source, load_tokenizer, pick_device_dtype
+from alignflow.core.launch import is_main_process, undo_eval_only_prepare
 from alignflow.core.params import Params, SftParams
+from alignflow.core.training import TrainingRun, chat_tokenizer, lora_config
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +64,7 @@ def check_target_modules(model: torch.nn.Module, targets: tuple[str, ...], where
 
 def build_model(sft: SftParams, base_path: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """The model to train, with exactly the parameters of the method trainable."""
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import PrefixTuningConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if sft.method == "qlora":
@@ -80,9 +77,7 @@ def build_model(sft: SftParams, base_path: str, device: str, dtype: torch.dtype)
 
     if sft.method in ("lora", "qlora"):
         check_target_modules(model, sft.lora_target_modules, base_path)
-        config = LoraConfig(r=sft.lora_r, lora_alpha=sft.lora_alpha, lora_dropout=sft.lora_dropout,
-                            target_modules=list(sft.lora_target_modules), task_type="CAUSAL_LM")
-        return get_peft_model(model, config)
+        return get_peft_model(model, lora_config(sft))
     if sft.method == "prefix":
         return get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=sft.prefix_virtual_tokens, task_type="CAUSAL_LM"))
     if sft.method == "adapter":
@@ -107,28 +102,17 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 # --- train ---
 
 
-def make_trainer(params: Params, model, tokenizer, train_rows, eval_rows, run_dir: Path, device: str,
-                 resume: Path | None = None):
+def make_trainer(params: Params, run: TrainingRun, model, tokenizer, train_rows, eval_rows):
     from datasets import Dataset
     from trl import SFTConfig
 
     from alignflow.sft.sft_trainer import AlignflowSFTTrainer
 
     sft = params.sft
-    config = SFTConfig(
-        output_dir=str(run_dir), num_train_epochs=sft.epochs, learning_rate=sft.lr, warmup_steps=sft.warmup_ratio,
-        weight_decay=sft.weight_decay, per_device_train_batch_size=per_device_batch("sft", sft.batch_size),
-        per_device_eval_batch_size=sft.batch_size,  # evaluation: the same batches as one process, so the same eval_loss
-        gradient_accumulation_steps=sft.gradient_accumulation_steps, max_length=sft.max_length,
-        eval_strategy="epoch", logging_steps=1, save_strategy="steps", save_steps=sft.save_steps, save_total_limit=2,
-        report_to="none", seed=params.seed, data_seed=params.seed, use_cpu=device == "cpu", bf16=device == "cuda",
-        dataloader_num_workers=0, completion_only_loss=True,
-        # TRL turns this on by default; it drops the past key values that prefix tuning feeds the model
-        activation_checkpointing=False,
-    )
+    config = SFTConfig(**run.arguments(sft, max_length=sft.max_length, completion_only_loss=True))
     return AlignflowSFTTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows),
-        processing_class=tokenizer, callbacks=hf_callbacks(Path(params.paths.dvclive) / "sft", resume),
+        processing_class=tokenizer, callbacks=run.callbacks(),
         l2_to_pretrained=sft.l2_to_pretrained if sft.method == "full" else 0.0,
         plain_forward=sft.method == "prefix",
     )
@@ -162,26 +146,17 @@ def run(params: Params) -> None:
     sft, paths = params.sft, params.paths
     if sft.lora_merge and sft.method != "lora":
         raise InputError(f"params.yaml: sft.lora_merge: only for method 'lora' (method is {sft.method!r})")
-    tokenizer = load_tokenizer(Source(paths.base_model))
-    if tokenizer.chat_template is None:
-        raise InputError(f"{paths.base_model}: the tokenizer has no chat template; SFT renders chat messages with it")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = chat_tokenizer(paths.base_model)
     train_rows, eval_rows = load_split(paths.train), load_split(paths.eval)
 
-    torch.manual_seed(params.seed)
-    device, dtype = pick_device_dtype()
-    model = build_model(sft, paths.base_model, device, dtype)
+    run = TrainingRun(params, "sft", [paths.train, paths.eval, paths.base_model])
+    model = build_model(sft, paths.base_model, run.device, run.dtype)
     trainable, total = count_parameters(model)
     log.info("sft %s on %s (%s): %s of %s parameters trainable (%.3f%%), %d train / %d eval examples",
-             sft.method, device, dtype, f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(train_rows), len(eval_rows))
+             sft.method, run.device, run.dtype, f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(train_rows), len(eval_rows))
 
-    checkpoints = open_checkpoints(params, "sft", [paths.train, paths.eval, paths.base_model])
-    resume = checkpoints.resume
-    trainer = make_trainer(params, model, tokenizer, train_rows, eval_rows, checkpoints.run_dir, device, resume)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    if resume:  # the curves from the checkpoint already start with this evaluation: do not log it again
+    trainer = make_trainer(params, run, model, tokenizer, train_rows, eval_rows)
+    if run.resume:  # the curves from the checkpoint already start with this evaluation: do not log it again
         from transformers.integrations import DVCLiveCallback
 
         live_callback = trainer.pop_callback(DVCLiveCallback)
@@ -191,33 +166,27 @@ def run(params: Params) -> None:
     else:
         eval_before = trainer.evaluate()["eval_loss"]
     undo_eval_only_prepare(trainer)  # else, on several processes, train() would not sync their gradients
-    started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    wall = time.perf_counter() - started
+    train_loss = run.train(trainer)
     evaluation = trainer.evaluate()
 
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * sft.epochs
-    tokens *= 1 - checkpoints.resumed_from_step / max(trainer.state.global_step, 1)  # those trained in this call
-    peak_mb = (torch.cuda.max_memory_allocated() if device == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    tokens *= 1 - run.checkpoints.resumed_from_step / max(trainer.state.global_step, 1)  # those trained in this call
     metrics = {
-        "method": sft.method, "train_loss": whole_run_train_loss(trainer.state),
+        "method": sft.method, "train_loss": train_loss,
         "eval_loss_before": eval_before, "eval_loss": evaluation["eval_loss"],
         "eval_perplexity": math.exp(min(evaluation["eval_loss"], 50)),
         "trainable_parameters": trainable, "total_parameters": total, "trainable_percent": 100 * trainable / total,
         "model_memory_mb": trainer.model.get_memory_footprint() / 2**20,
-        "peak_memory_mb": peak_mb, "peak_memory_kind": "cuda_allocated" if device == "cuda" else "process_max_rss",
-        "tokens_per_second": tokens / wall, "wall_seconds": wall, "steps": trainer.state.global_step,
-        "resumed_from_step": checkpoints.resumed_from_step, "device": device, "processes": world_size(),
+        "tokens_per_second": tokens / run.wall, "steps": trainer.state.global_step, **run.metrics(),
     }
     if not is_main_process():
         return  # under accelerate launch rank 0 writes the outputs
     with atomic_path(paths.sft_model) as tmp, atomic_path(Path(paths.metrics) / "sft.json") as tmp_metrics:
         kind = save_checkpoint(sft, trainer.model, tokenizer, tmp, paths.base_model)
         dump_json(metrics, tmp_metrics)
-    checkpoints.finish()  # the checkpoints for resuming are not needed any more
+    run.finish()
     log.info("wrote %s (%s): eval loss %.4f, perplexity %.2f, %.0f tokens/s, %.0f s",
-             paths.sft_model, kind, metrics["eval_loss"], metrics["eval_perplexity"], metrics["tokens_per_second"], wall)
+             paths.sft_model, kind, metrics["eval_loss"], metrics["eval_perplexity"], metrics["tokens_per_second"], run.wall)
 
 
 def accelerate_section() -> str:

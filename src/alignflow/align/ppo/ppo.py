@@ -1,6 +1,6 @@
-"""Stage `ppo`: RLHF with our PPO trainer (alignflow.align.ppo.ppo_trainer) against the reward model.
+"""Method `ppo` of align@<method>: RLHF with our PPO trainer (alignflow.align.ppo.ppo_trainer) against the reward model.
 
-    alignflow ppo                       # reads params.yaml: seed, ppo, paths
+    alignflow align ppo                 # reads params.yaml: seed, ppo, paths
     dvc exp run -S ppo.kl_coef=0.1
 
 Reads:  the train prompts of `paths.pairs` (rollouts) and its eval prompts (measured before and after),
@@ -20,64 +20,59 @@ value head on the policy would start from random and share the policy's gradient
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
-import time
 from pathlib import Path
 
 import torch
 
-from alignflow.core.pairs import load_preference_splits
-from alignflow.core.training import AlignmentRun
+from alignflow.align.policy import load_policy, save, start_path, train_and_eval_prompts
+from alignflow.align.ppo.ppo_config import PPOConfig
 from alignflow.core.checkpoints import open_live, restore_rng_states, rng_states, snapshot_curves, write_checkpoint
 from alignflow.core.io import InputError
 from alignflow.core.models import Source, load_tokenizer
 from alignflow.core.params import Params
 from alignflow.core.reward import conversation_ids, score
+from alignflow.core.training import TrainingRun, lora_config
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "ppo_state.pt"  # in each checkpoint: trainer, RNG states, data position, history (alignflow.core.checkpoints)
 
 
-def check_inputs(params: Params) -> None:
-    cfg, paths = params.ppo, params.paths
-    if cfg.batch_size % cfg.minibatch_size:
-        raise InputError(f"params.yaml: ppo.batch_size={cfg.batch_size} does not divide into minibatches of "
-                         f"ppo.minibatch_size={cfg.minibatch_size}")
-    if not (Path(paths.reward_model) / "config.json").is_file():
-        raise InputError(f"{paths.reward_model}: no reward model; PPO needs one (dvc repro reward_model)")
-
-
-def unique_prompts(prompts: list[list[dict[str, str]]]) -> list[list[dict[str, str]]]:
-    seen: dict[str, list[dict[str, str]]] = {}
-    for p in prompts:
-        seen.setdefault(repr(p), p)
-    return list(seen.values())
+def ppo_config(params: Params) -> PPOConfig:
+    """PPOConfig from the `ppo` section: every field of the config is a key of the section (and the seed)."""
+    cfg = params.ppo
+    try:
+        return PPOConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(PPOConfig) if f.name != "seed"},
+                         seed=params.seed)
+    except ValueError as err:
+        raise InputError(f"params.yaml: {err}") from None
 
 
 def run(params: Params) -> None:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from alignflow.align.ppo.ppo_config import PPOConfig
     from alignflow.align.ppo.ppo_trainer import PPOTrainer
 
-    check_inputs(params)
     cfg, paths = params.ppo, params.paths
-    align = AlignmentRun(params, "ppo", start_from=paths.sft_model)
-    train, held_out = load_preference_splits(paths.pairs)
-    train_prompts, eval_prompts = unique_prompts(train.prompts), unique_prompts(held_out.prompts)
+    config = ppo_config(params)
+    if not (Path(paths.reward_model) / "config.json").is_file():
+        raise InputError(f"{paths.reward_model}: no reward model; PPO needs one (dvc repro reward_model)")
+    start = start_path(params, "sft")
+    run = TrainingRun(params, "ppo", [paths.pairs, start, paths.reward_model], marker=STATE_FILE)
+    train_prompts, eval_prompts = train_and_eval_prompts(paths.pairs)
 
-    policy, tokenizer = align.load_policy()
+    policy, tokenizer = load_policy(run, start)
     ref_model = None
     if cfg.method == "lora":
-        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                   target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM"))
+        policy = get_peft_model(policy, lora_config(cfg))
     else:
-        ref_model = align.load_policy()[0].requires_grad_(False)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(paths.reward_model).to(align.device).requires_grad_(False).eval()
-    value_model = AutoModelForSequenceClassification.from_pretrained(paths.reward_model).to(align.device)
+        ref_model = load_policy(run, start)[0].requires_grad_(False)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(paths.reward_model).to(run.device).requires_grad_(False).eval()
+    value_model = AutoModelForSequenceClassification.from_pretrained(paths.reward_model).to(run.device)
     rm_tokenizer = load_tokenizer(Source(paths.reward_model))
 
     def prompt_ids(messages):
@@ -91,12 +86,7 @@ def run(params: Params) -> None:
         ids = [conversation_ids(rm_tokenizer, messages_of[tuple(p)], t.strip()) for p, t in zip(prompts, texts)]
         return torch.tensor(score(reward_model, rm_tokenizer, ids))
 
-    ppo_config = PPOConfig(
-        batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size, ppo_epochs=cfg.ppo_epochs,
-        learning_rate=cfg.learning_rate, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, kl_coef=cfg.kl_coef,
-        adaptive_kl=cfg.adaptive_kl, target_kl=cfg.target_kl, gamma=cfg.gamma, lam=cfg.lam, clip_range=cfg.clip_range,
-        clip_range_value=cfg.clip_range_value, value_coef=cfg.value_coef, stop_kl=cfg.stop_kl, seed=params.seed)
-    trainer = PPOTrainer(ppo_config, policy, value_model, reward_fn, pad_token_id=tokenizer.pad_token_id,
+    trainer = PPOTrainer(config, policy, value_model, reward_fn, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eos_token), ref_model=ref_model)
 
     eval_ids = [prompt_ids(m) for m in eval_prompts]
@@ -112,7 +102,7 @@ def run(params: Params) -> None:
     pool: list[list[int]] = []
     history = []
     start = 0
-    checkpoints = align.open_checkpoints(paths.reward_model, marker=STATE_FILE)
+    checkpoints = run.checkpoints
     if checkpoints.resume:  # everything a step reads: weights, optimizer, beta, RNGs, the prompt order and pool
         state = torch.load(checkpoints.resume / STATE_FILE, weights_only=True)
         trainer.load_state_dict(state["trainer"])
@@ -127,8 +117,7 @@ def run(params: Params) -> None:
                     "order": order.getstate(), "pool": pool, "history": history}, tmp / STATE_FILE)
         snapshot_curves(live_dir, tmp)
 
-    with open_live(live_dir, checkpoints.resume) as live:
-        started = time.perf_counter()
+    with open_live(live_dir, checkpoints.resume) as live, run.timed():
         for iteration in tqdm(range(start, cfg.iterations), desc="ppo", unit="iteration", initial=start,
                               total=cfg.iterations):
             while len(pool) < cfg.batch_size:  # cycle through the train prompts, reshuffled each pass
@@ -146,11 +135,11 @@ def run(params: Params) -> None:
                      stats["approx_kl"], stats["response_length"])
             if (iteration + 1) % cfg.save_every == 0 and iteration + 1 < cfg.iterations:
                 write_checkpoint(checkpoints.run_dir, iteration + 1, lambda tmp: write_state(tmp, iteration + 1))
-        align.wall = time.perf_counter() - started
     after = held_out_reward()
     first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4) :]
-    align.save(policy, tokenizer, {
+    save(params, run, "ppo", start, policy, tokenizer, {
         "eval_reward_before": before, "eval_reward": after,
+        "headline": {"label": "held-out reward", "before": before, "after": after},
         "train_reward_first_quarter": sum(h["reward"] for h in first) / len(first),
         "train_reward_last_quarter": sum(h["reward"] for h in last) / len(last),
         "final_kl": history[-1]["kl"], "final_beta": history[-1]["beta"], "iterations": cfg.iterations,
@@ -159,4 +148,4 @@ def run(params: Params) -> None:
         # policy + reference (0 extra with LoRA) + reward model + value model
         "model_copies": (3 if cfg.method == "lora" else 4),
     })
-    log.info("ppo: held-out reward %.3f -> %.3f in %d iterations (%.0f s)", before, after, cfg.iterations, align.wall)
+    log.info("ppo: held-out reward %.3f -> %.3f in %d iterations (%.0f s)", before, after, cfg.iterations, run.wall)
