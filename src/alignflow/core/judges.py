@@ -1,4 +1,4 @@
-"""Judges that turn K sampled responses into preferences (used by the `preferences` stage).
+"""Judges that turn K sampled responses into preferences (the `preferences` stage) and decide win rates (`compare`).
 
 - AI feedback (`PairwiseJudge`): an LLM is shown the request and two responses, A and B, with the
   constitution's principles, and asked which is better. `compare_both_orders` asks every question twice,
@@ -7,7 +7,9 @@
   `LocalJudge` (a transformers model; the answer is whichever of the tokens "A" / "B" is more likely next,
   so there is always an answer and its probability is recorded) and `OpenAIJudge` (any OpenAI-compatible
   server, greedy, the first A / B in the reply; anything else counts as no answer).
-- Rules (`rule_checks`, `rule_score`): verifiable checks that need no model.
+- Rules (`rule_checks`, `rule_score`, `rules_score`, `rules_pair`): verifiable checks that need no model.
+- `judge_pairs`: the AI judge on pairs of responses with the rules as tie-breaker, the one path the
+  preferences and compare stages share.
 - Constitutional AI (`critique_prompt`, `revision_prompt`): critique a response against a principle,
   then revise it; the stage prefers the revision.
 """
@@ -23,6 +25,7 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from alignflow.core.io import InputError
+from alignflow.core.params import PreferencesParams
 from alignflow.core.refusal import is_refusal
 from alignflow.core.rouge import tokenize
 
@@ -199,6 +202,44 @@ def rule_checks(request: str, response: str, harmful: bool, min_tokens: int, max
 
 def rule_score(checks: dict[str, bool]) -> int:
     return sum(checks.values())
+
+
+def rules_score(prompt: list[dict[str, str]], response: str, harmful: bool, cfg: PreferencesParams) -> int:
+    """The rules judge's score of one response to a prompt (chat messages), with params `preferences`' length band."""
+    return rule_score(rule_checks(request_text(prompt), response, harmful, cfg.rules_min_tokens, cfg.rules_max_tokens))
+
+
+def rules_pair(prompt: list[dict[str, str]], x: dict[str, str], y: dict[str, str], harmful: bool,
+               cfg: PreferencesParams) -> tuple[str | None, dict[str, int]]:
+    """The rules judge on two responses ({"id", "text"}): the id of the higher score (None: equal scores, a tie)
+    and the scores by id."""
+    scores = {r["id"]: rules_score(prompt, r["text"], harmful, cfg) for r in (x, y)}
+    first, second = scores[x["id"]], scores[y["id"]]
+    return (x["id"] if first > second else y["id"] if second > first else None), scores
+
+
+# (prompt as chat messages, response x, response y, whether the prompt is harmful); responses are {"id", "text"}
+Pair = tuple[list[dict[str, str]], dict[str, str], dict[str, str], bool]
+
+
+def judge_pairs(judge: PairwiseJudge, cfg: PreferencesParams, pairs: list[Pair], *, tie_breaker: str | None,
+                with_prompt: bool = False) -> list[tuple[dict[str, Any], str | None, dict[str, Any]]]:
+    """The AI judge on each pair, in both orders (`compare_both_orders`); with `tie_breaker` "rules" the rules
+    judge then decides the ties (`rules_pair`; equal scores stay a tie). One judge path for the preferences
+    and compare stages. Per pair: compare_both_orders' result, the winner's id (None: a tie) and the verdict,
+    {"kind": "ai", "model", "principles" and "prompt" if `with_prompt`, "verdicts"} or, for a tie put to the
+    rules, {"kind": "rules", "settles": "ai tie", "scores", "ai": that AI verdict}."""
+    results = compare_both_orders(judge, cfg.principles, [(prompt, x, y) for prompt, x, y, _ in pairs])
+    out = []
+    for (prompt, x, y, harmful), result in zip(pairs, results):
+        shown = {"principles": list(cfg.principles), "prompt": result["prompt"]} if with_prompt else {}
+        ai = {"kind": "ai", "model": judge.describe(), **shown, "verdicts": result["verdicts"]}
+        winner, verdict = result["winner"], ai
+        if winner is None and tie_breaker == "rules":
+            winner, scores = rules_pair(prompt, x, y, harmful, cfg)
+            verdict = {"kind": "rules", "settles": "ai tie", "scores": scores, "ai": ai}
+        out.append((result, winner, verdict))
+    return out
 
 
 # --- Constitutional AI: critique, then revise ---

@@ -9,10 +9,11 @@ Writes: `<paths.metrics>/evaluation.json` (the summary: one entry per model, DVC
         (every comparison and how it was decided), and under `<paths.plots>/evaluation/`: win_rates.json,
         refusal.json, rewards.json (dvc plots) and win_rates.png, rewards.png, refusal.png (the report's figures).
 
-Win rates: each model's response to a prompt against the reference's (`evaluate.reference`, the SFT model by
-default), judged by the preference stage's judge (`preferences.judge`):
+Win rates: each model's response to a prompt against the reference's (the entry of `evaluate.models` whose
+checkpoint is `paths.sft_model`, the SFT model), judged by the preference stage's judge (`preferences.judge`):
   ai            asked in both orders; a preference that does not survive the swap is a tie, which
-                `preferences.tie_breaker: rules` settles as in the preference stage; constitution uses the same judge
+                `preferences.tie_breaker: rules` settles as in the preference stage (the same code:
+                alignflow.core.judges.judge_pairs); constitution uses the same judge
   rules         the higher rules score wins, an equal score is a tie (the order cannot matter)
   human         people's A/B answers (`alignflow annotate ab <model>`, in `paths.ab_annotations`): per prompt the
                 majority of the annotators, over the prompts they answered; a model nobody A/B-tested falls back
@@ -33,7 +34,7 @@ from typing import Any
 
 from alignflow.core.annotation_log import ab_answers, between_annotators, majority, read_logs, with_judge
 from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
-from alignflow.core.judges import compare_both_orders, pairwise_judge, rule_checks, rule_score
+from alignflow.core.judges import judge_pairs, pairwise_judge, rules_pair
 from alignflow.core.params import Params
 from alignflow.core.refusal import is_refusal
 
@@ -69,9 +70,12 @@ def judge_outcomes(model: str, records: list[dict], reference: list[dict], param
     cfg = params.preferences
     ref_by_id = {r["id"]: r for r in reference}
 
-    def rule_scores(record: dict) -> tuple[int, int]:  # (this model's, the reference's)
-        return tuple(rule_score(rule_checks(record["prompt"], text, record["harmful"], cfg.rules_min_tokens, cfg.rules_max_tokens))
-                     for text in (record["response"], ref_by_id[record["id"]]["response"]))
+    def pair(record: dict):  # (prompt, this model's response, the reference's, harmful): alignflow.core.judges.Pair
+        return ([{"role": "user", "content": record["prompt"]}], {"id": model, "text": record["response"]},
+                {"id": "reference", "text": ref_by_id[record["id"]]["response"]}, record["harmful"])
+
+    def outcome(winner: str | None) -> str:
+        return "tie" if winner is None else "win" if winner == model else "loss"
 
     outcomes: dict[int, str] = {}
     verdicts: dict[int, dict] = {}
@@ -83,22 +87,13 @@ def judge_outcomes(model: str, records: list[dict], reference: list[dict], param
         elif kind == "ai":
             asked.append(i)
         else:
-            mine, other = rule_scores(record)
-            outcomes[i] = "win" if mine > other else "loss" if mine < other else "tie"
-            verdicts[i] = {"kind": "rules", "scores": {model: mine, "reference": other}}
+            winner, scores = rules_pair(*pair(record), cfg)
+            outcomes[i], verdicts[i] = outcome(winner), {"kind": "rules", "scores": scores}
     if asked:
         judge = pairwise_judge(cfg, params.paths, params.seed)
-        comparisons = [([{"role": "user", "content": records[i]["prompt"]}], {"id": model, "text": records[i]["response"]},
-                        {"id": "reference", "text": ref_by_id[records[i]["id"]]["response"]}) for i in asked]
-        for i, result in zip(asked, compare_both_orders(judge, cfg.principles, comparisons)):
-            verdict = {"kind": "ai", "model": judge.describe(), "verdicts": result["verdicts"]}
-            winner = result["winner"]
-            if winner is None and cfg.tie_breaker == "rules":
-                mine, other = rule_scores(records[i])
-                winner = model if mine > other else "reference" if mine < other else None
-                verdict = {"kind": "rules", "settles": "ai tie", "scores": {model: mine, "reference": other}, "ai": verdict}
-            outcomes[i] = "tie" if winner is None else "win" if winner == model else "loss"
-            verdicts[i] = verdict
+        judged = judge_pairs(judge, cfg, [pair(records[i]) for i in asked], tie_breaker=cfg.tie_breaker)
+        for i, (_, winner, verdict) in zip(asked, judged):
+            outcomes[i], verdicts[i] = outcome(winner), verdict
     ordered = [outcomes[i] for i in range(len(records))]
     return ordered, [{"model": model, "reference": params.reference_model, "prompt_id": r["id"], "outcome": o,
                       "judge": verdicts[i]} for i, (r, o) in enumerate(zip(records, ordered))]

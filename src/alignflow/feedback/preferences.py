@@ -36,8 +36,8 @@ from typing import Any
 from alignflow.core import contracts
 from alignflow.core.annotation_log import between_annotators, preference_sets, rank_answers, with_judge
 from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
-from alignflow.core.judges import (compare_both_orders, critique_prompt, judge_model, pairwise_judge, request_text,
-                              revision_prompt, rule_checks, rule_score)
+from alignflow.core.judges import (critique_prompt, judge_model, judge_pairs, pairwise_judge, request_text, revision_prompt,
+                                   rule_checks, rule_score, rules_pair)
 from alignflow.core.pairs import assign_splits, make_pair, ranking_to_pairs
 from alignflow.core.params import Params, PathParams, PreferencesParams
 
@@ -51,36 +51,23 @@ def read_samples(path: str) -> list[dict[str, Any]]:
 # --- the four judges: samples -> (pairs, judgements, metrics) ---
 
 
-def rules_score(sample: dict[str, Any], response: str, cfg: PreferencesParams) -> int:
-    """The rules judge's score of one response to a sample's prompt (settles AI ties, checks people's pairs)."""
-    return rule_score(rule_checks(request_text(sample["prompt"]), response, sample["harmful"], cfg.rules_min_tokens,
-                                  cfg.rules_max_tokens))
-
-
 def ai_pairs(samples, judge, cfg: PreferencesParams):
     """Every pair of a prompt's responses, judged in both orders; with `tie_breaker: rules` the rules score
-    settles the comparisons the AI judge left tied (the pair then records both)."""
+    settles the comparisons the AI judge left tied (the pair then records both; alignflow.core.judges.judge_pairs)."""
     comparisons, owners = [], []
     for sample in samples:
         for x, y in combinations(sample["responses"], 2):
-            comparisons.append((sample["prompt"], x, y))
+            comparisons.append((sample["prompt"], x, y, sample["harmful"]))
             owners.append(sample)
-    results = compare_both_orders(judge, cfg.principles, comparisons)
+    judged = judge_pairs(judge, cfg, comparisons, tie_breaker=cfg.tie_breaker, with_prompt=True)
+    results = [result for result, _, _ in judged]
     pairs, judgements, settled = [], [], 0
-    for sample, result in zip(owners, results):
+    for sample, (result, winner, verdict) in zip(owners, judged):
         judgements.append({"prompt_id": sample["prompt_id"], "judge": "ai", **result})
-        text = {r["id"]: r["text"] for r in sample["responses"]}
-        ai = {"kind": "ai", "model": judge.describe(), "principles": list(cfg.principles), "prompt": result["prompt"],
-              "verdicts": result["verdicts"]}
-        winner, verdict = result["winner"], ai
-        if winner is None and cfg.tie_breaker == "rules":
-            score = {i: rules_score(sample, text[i], cfg) for i in (result["first"], result["second"])}
-            if score[result["first"]] != score[result["second"]]:
-                winner = max(score, key=score.get)
-                verdict = {"kind": "rules", "settles": "ai tie", "scores": score, "ai": ai}
-                settled += 1
         if winner is None:
             continue
+        settled += verdict["kind"] == "rules"
+        text = {r["id"]: r["text"] for r in sample["responses"]}
         loser = result["second"] if winner == result["first"] else result["first"]
         pairs.append(make_pair(sample["prompt"], text[winner], text[loser], verdict))
     answers = [v["answer"] for r in results for v in r["verdicts"]]
@@ -190,21 +177,13 @@ def by_human(samples, cfg: PreferencesParams, paths: PathParams, seed: int):
 
 def judge_preferences(keys, by_pid, cfg: PreferencesParams, paths: PathParams, seed: int) -> dict[tuple[str, str, str], int]:
     """`cfg.agreement_judge`'s preference on each (prompt_id, a, b): +1 for a, -1 for b; its ties are left out."""
-    out = {}
+    response = {pid: {r["id"]: r for r in s["responses"]} for pid, s in by_pid.items()}
+    pairs = [(by_pid[pid]["prompt"], response[pid][a], response[pid][b], by_pid[pid]["harmful"]) for pid, a, b in keys]
     if cfg.agreement_judge == "rules":
-        for pid, a, b in keys:
-            text = {r["id"]: r["text"] for r in by_pid[pid]["responses"]}
-            score = [rules_score(by_pid[pid], text[i], cfg) for i in (a, b)]
-            if score[0] != score[1]:
-                out[(pid, a, b)] = 1 if score[0] > score[1] else -1
-        return out
-    text = {pid: {r["id"]: r for r in s["responses"]} for pid, s in by_pid.items()}
-    results = compare_both_orders(pairwise_judge(cfg, paths, seed), cfg.principles,
-                                  [(by_pid[pid]["prompt"], text[pid][a], text[pid][b]) for pid, a, b in keys])
-    for key, result in zip(keys, results):
-        if result["winner"] is not None:
-            out[key] = 1 if result["winner"] == key[1] else -1
-    return out
+        winners = [rules_pair(*pair, cfg)[0] for pair in pairs]
+    else:  # the AI judge alone: its ties are left out, not settled by the rules
+        winners = [winner for _, winner, _ in judge_pairs(pairwise_judge(cfg, paths, seed), cfg, pairs, tie_breaker=None)]
+    return {key: 1 if winner == key[1] else -1 for key, winner in zip(keys, winners) if winner is not None}
 
 
 JUDGES = {"ai": by_ai, "rules": by_rules, "constitution": by_constitution, "human": by_human}
