@@ -88,6 +88,8 @@ def test_blacklist_matches_whole_latin_words_and_cjk_substrings():
     matches = blacklist_matcher(("file", "go to", "地图"))
     assert matches("Open the FILE and read it") and matches("please go to the shop") and matches("画一张地图")
     assert not matches("Update your profile") and not matches("good tomatoes") and not matches("画一张图")
+    kana_hangul = blacklist_matcher(("ファイル", "지도"))  # CJK as the ROUGE tokenizer has it: substrings too
+    assert kana_hangul("このファイルを開いて") and kana_hangul("지도를 그려") and not kana_hangul("file map")
 
 
 def test_record_missing_a_field_is_named_and_nothing_written(workdir, tiny_model_dir):

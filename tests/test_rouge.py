@@ -85,6 +85,14 @@ def test_tokenize_cjk_characters_are_single_tokens():
     assert rouge.tokenize("\u3400\u4dbf\uf900") == ["\u3400", "\u4dbf", "\uf900"]
 
 
+def test_cjk_is_what_the_tokenizer_splits():
+    """One definition of CJK (rouge.CJK, used by the judges and the filter): a character is CJK iff the
+    tokenizer makes it a token of its own; CJK Ext. B (U+20000) and the Yijing hexagrams are not."""
+    for char in "我愛ひカ한\u3400\uf900\ufa6e\U00020000\u4dc0\u2e80a1 .。":
+        assert rouge.has_cjk(char) is (rouge.tokenize(char) == [char] and not char.isascii()), hex(ord(char))
+    assert rouge.has_cjk("The 地图 file") and not rouge.has_cjk("Café, naïve")
+
+
 # ------------------------------------------------------------ (b) rouge_l_f exact
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from alignflow.core.io import InputError
 from alignflow.core.params import PreferencesParams
 from alignflow.core.refusal import is_refusal
-from alignflow.core.rouge import tokenize
+from alignflow.core.rouge import CJK, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +165,12 @@ def compare_both_orders(judge: PairwiseJudge, principles: tuple[str, ...],
 
 # --- rules ---
 
-CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 LATIN = re.compile(r"[A-Za-z]")
 
 
 def language_of(text: str) -> str | None:
-    """'zh' or 'en' by script (about four Latin letters weigh as one Chinese character); None without letters."""
+    """'zh' or 'en' by script (about four Latin letters weigh as one CJK character, alignflow.core.rouge.CJK);
+    None without letters."""
     cjk, latin = len(CJK.findall(text)), len(LATIN.findall(text)) / 4
     if cjk + latin == 0:
         return None

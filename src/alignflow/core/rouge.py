@@ -26,13 +26,21 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-# rouge_score lowercases, then keeps runs of [a-z0-9]. We also emit each CJK
-# character (Ext. A, Unified, Compatibility, Hiragana, Katakana, Hangul) alone.
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
-_TOKEN_RE = re.compile(f"[a-z0-9]+|[{_CJK}]")
+# The CJK characters, the project's one definition (ROUGE tokens here; the rules judge's language_of and the
+# filter's blacklist import it): Hiragana, Katakana, CJK Unified Ideographs Ext. A, CJK Unified Ideographs,
+# Hangul syllables, CJK Compatibility Ideographs; all in the BMP (Ext. B and later, U+20000 up, are not).
+CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+CJK = re.compile(f"[{CJK_RANGES}]")
+# rouge_score lowercases, then keeps runs of [a-z0-9]. We also emit each CJK character alone.
+_TOKEN_RE = re.compile(f"[a-z0-9]+|[{CJK_RANGES}]")
 # Float-rounding margin for the bounds: a bound this close to the threshold is
 # not trusted and the pair is scored exactly instead.
 _EPS = 1e-9
+
+
+def has_cjk(text: str) -> bool:
+    """Whether ``text`` holds a CJK character (``CJK``)."""
+    return CJK.search(text) is not None
 
 
 def tokenize(text: str) -> list[str]:

@@ -12,7 +12,8 @@ Rules, applied in this order (a record is counted under the first rule it breaks
                  or a control character
   too_short      fewer than `min_tokens` ROUGE tokens (words, or CJK characters)
   too_long       more than `max_tokens`
-  blacklist      contains a blacklisted keyword (whole word for Latin text, substring for CJK)
+  blacklist      contains a blacklisted keyword (whole word for Latin text, substring for a word with a CJK
+                 character, alignflow.core.rouge.CJK)
   punctuation    starts with punctuation
   near_duplicate ROUGE-L F above `rouge_threshold` against any seed instruction or an instruction kept
                  before it (exact, see alignflow.core.rouge; as in Self-Instruct, every seed is in the pool,
@@ -30,7 +31,7 @@ from typing import Any
 from alignflow.core import contracts
 from alignflow.core.io import atomic_path, dump_json, dump_jsonl, read_jsonl
 from alignflow.core.params import FilterParams, Params
-from alignflow.core.rouge import NearDuplicateFilter, tokenize
+from alignflow.core.rouge import NearDuplicateFilter, has_cjk, tokenize
 from alignflow.data.records import RECORD_FIELDS, read_seed_tasks
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,10 @@ log = logging.getLogger(__name__)
 RULES = ("empty_output", "invalid_text", "too_short", "too_long", "blacklist", "punctuation", "near_duplicate")
 
 
-def _has_cjk(word: str) -> bool:
-    return any(unicodedata.name(c, "").startswith("CJK") for c in word)
-
-
 def blacklist_matcher(words: tuple[str, ...]):
     """A function text -> bool: whole-word, case-insensitive for Latin words; substring for CJK words."""
-    latin = [w for w in words if not _has_cjk(w)]
-    cjk = [w for w in words if _has_cjk(w)]
+    latin = [w for w in words if not has_cjk(w)]
+    cjk = [w for w in words if has_cjk(w)]
     pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, latin)) + r")\b", re.IGNORECASE) if latin else None
     return lambda text: bool(pattern and pattern.search(text)) or any(w in text for w in cjk)
 
