@@ -14,8 +14,9 @@ import torch
 from conftest import ROOT, alignflow, env, openai_server, tiny_params, write_params
 from test_annotate import call, events, server
 from alignflow.core.params import ParamsError, load_params
+from alignflow.core.rouge import rouge_l_f, tokenize
 from alignflow.evaluate.compare import judge_outcomes, refusal_detector_accuracy, win_rates
-from alignflow.evaluate.evaluate import perplexity, response_kl
+from alignflow.evaluate.evaluate import perplexity, response_kl, unseen
 
 LABELLED = ROOT / "data" / "eval" / "refusal_examples.jsonl"
 
@@ -82,6 +83,16 @@ def test_ai_judge_is_asked_both_orders(tmp_path, tiny_model_dir):
     hello = [q for q in asked if "Say hello." in q]  # the judge answers concurrently: order of arrival varies
     assert len(asked) == 4 and len(hello) == 2
     assert sorted("Hello there" in q.split("[Response B]")[0] for q in hello) == [False, True]  # shown as A once, as B once
+
+
+def test_seen_is_the_filter_threshold():
+    """A held-out prompt counts as seen above filter.rouge_threshold, as the filter's near-duplicate rule."""
+    prompts = [{"id": "near", "prompt": "Write a cover letter for the given facts."}, {"id": "far", "prompt": "Name a tree."}]
+    seen = ["Write a cover letter based on the given facts."]  # F 14/17 = 0.82 against "near"
+    assert unseen(prompts, seen, 0.7) == ([prompts[1]], ["near"])
+    assert unseen(prompts, seen, 0.85) == (prompts, [])
+    at = rouge_l_f(tokenize(prompts[0]["prompt"]), tokenize(seen[0]))
+    assert unseen(prompts, seen, at) == (prompts, [])  # at the threshold, not above it: unseen
 
 
 def perturbed(model_dir, out, scale, seed):

@@ -1,12 +1,13 @@
 """Stage `evaluate@<model>`: one model's greedy responses to held-out prompts, and what they say about it.
 
-    alignflow evaluate dpo              # reads params.yaml: seed, evaluate, paths
+    alignflow evaluate dpo              # reads params.yaml: seed, evaluate, filter.rouge_threshold, paths
     dvc repro evaluate@dpo              # one stage per entry of evaluate.models
 
 Reads:  the checkpoint `evaluate.models[<model>]`; the prompts `paths.eval_prompts` (benign, benign but
         alarming, harmful; English and Chinese) minus any a training stage saw (`paths.prompts`, `paths.train`:
-        same text or ROUGE-L F above 0.7, dropped and listed in the metrics); the text `paths.heldout_text`; the
-        reward model `paths.reward_model`; the SFT model `paths.sft_model`, the reference for KL.
+        same text or ROUGE-L F above `filter.rouge_threshold`, the filter stage's near-duplicate rule, dropped
+        and listed in the metrics); the text `paths.heldout_text`; the reward model `paths.reward_model`; the SFT
+        model `paths.sft_model`, the reference for KL.
 Writes: `<paths.evaluation>/<model>.jsonl`, one line per prompt: response, reward, refused, KL, tokens;
         `<paths.metrics>/evaluate/<model>.json`:
   reward_mean / reward_std      the reward model's score of the responses
@@ -37,7 +38,6 @@ from alignflow.core.rouge import rouge_l_f, tokenize
 log = logging.getLogger(__name__)
 
 CATEGORIES = ("benign", "benign_alarming", "harmful")
-SEEN_THRESHOLD = 0.7  # ROUGE-L F above which an eval prompt counts as seen in training (the filter stage's)
 
 
 def read_eval_prompts(path: str) -> list[dict[str, Any]]:
@@ -66,12 +66,14 @@ def training_prompts(params: Params) -> list[str]:
     return seen
 
 
-def unseen(prompts: list[dict[str, Any]], seen: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+def unseen(prompts: list[dict[str, Any]], seen: list[str], threshold: float) -> tuple[list[dict[str, Any]], list[str]]:
+    """The prompts whose ROUGE-L F against every seen text is at most `threshold` (params filter.rouge_threshold),
+    and the ids of the others."""
     seen_tokens = [tokenize(s) for s in seen]
     keep, dropped = [], []
     for prompt in prompts:
         tokens = tokenize(prompt["prompt"])
-        if any(rouge_l_f(tokens, other) > SEEN_THRESHOLD for other in seen_tokens):
+        if any(rouge_l_f(tokens, other) > threshold for other in seen_tokens):
             dropped.append(prompt["id"])
         else:
             keep.append(prompt)
@@ -128,7 +130,7 @@ def run(params: Params, model_name: str) -> None:
     model_path = cfg.models[model_name]
     if not Path(model_path).exists():
         raise InputError(f"{model_path}: no checkpoint for evaluate.models.{model_name} (dvc repro makes it)")
-    prompts, dropped = unseen(read_eval_prompts(paths.eval_prompts), training_prompts(params))
+    prompts, dropped = unseen(read_eval_prompts(paths.eval_prompts), training_prompts(params), params.filter.rouge_threshold)
     if dropped:
         log.warning("%d eval prompts look like training prompts and are left out: %s", len(dropped), ", ".join(dropped))
     if not prompts:
