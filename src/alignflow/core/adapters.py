@@ -84,11 +84,6 @@ def save_bottleneck_adapters(model: nn.Module, directory: str | Path) -> None:
     (directory / CONFIG_NAME).write_text(json.dumps(model.alignflow_adapter_config, indent=2) + "\n")
 
 
-def is_bottleneck_adapter(directory: str | Path) -> bool:
-    config = Path(directory) / CONFIG_NAME
-    return config.is_file() and json.loads(config.read_text()).get("adapter_type") == ADAPTER_TYPE
-
-
 def load_bottleneck_adapters(base: nn.Module, directory: str | Path) -> nn.Module:
     """Insert adapters into `base` and load their trained weights (every adapter weight must be there)."""
     config = json.loads((Path(directory) / CONFIG_NAME).read_text())

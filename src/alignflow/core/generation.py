@@ -9,9 +9,10 @@
 - `VLLMGenerator`: vLLM's offline engine on a local checkpoint, when `vllm` is installed (a CUDA GPU);
   prompts are rendered with the checkpoint's own chat template, one sampling seed per prompt.
 
-Both expose `generate(prompts, max_new_tokens=..., seed=...) -> list[str]` and `describe()`, the
-provenance recorded beside each generated example (no secrets in it). A prompt is a string (one user
-turn) or a list of chat messages.
+All three expose `generate(prompts, *, max_new_tokens, seed, stop=None) -> list[str]` (the `Generator`
+protocol; a reply is cut at its first stop string) and `describe()`, the provenance recorded beside each
+generated example (no secrets in it). A prompt is a string (one user turn) or a list of chat messages;
+the local backends take chat messages only with `chat_template` on.
 """
 
 from __future__ import annotations

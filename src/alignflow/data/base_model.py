@@ -25,9 +25,8 @@ log = logging.getLogger(__name__)
 def run(params: Params) -> None:
     source = resolve_source(params.model)
     log.info("loading %s (gguf_file=%s)", source.name_or_path, source.gguf_file)
-    dtype = "auto" if params.model.dtype == "auto" else params.model.dtype
     tokenizer = load_tokenizer(source)
-    model = load_model(source, dtype=dtype)
+    model = load_model(source, dtype=params.model.dtype)
     if getattr(model.config, "quantization_config", None) and source.gguf_file:
         # GGUF weights arrive de-quantised; the flag would make the saved copy look quantised
         del model.config.quantization_config
