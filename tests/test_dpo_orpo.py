@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 
-from alignflow.align.losses import dpo_metrics, log_odds, orpo_metrics
+from alignflow.align.logprobs import log_odds
+from alignflow.align.methods import dpo_metrics, orpo_metrics
 from conftest import alignflow, tiny_params, write_params
 from test_reward_model import marker_pairs
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from alignflow.align.losses import ipo_metrics, simpo_metrics
+from alignflow.align.methods import ipo_metrics, simpo_metrics
 from conftest import alignflow, tiny_params, write_params
 from test_alignment_stages import aligned_workdir  # noqa: F401 (fixture)
 from test_dpo_orpo import pairs_workdir  # noqa: F401 (fixture)

@@ -28,7 +28,7 @@ def required_keys(section: dict) -> set[str]:
 
 
 def test_typed_settings_have_exactly_the_schema_keys():
-    fields = section_fields()
+    fields = section_fields(SCHEMA)
     assert set(fields) | {"seed"} == set(SCHEMA["properties"])
     for section, names in fields.items():
         assert sorted(names) == sorted(schema_keys(SCHEMA["properties"][section], SCHEMA)), section
@@ -37,16 +37,16 @@ def test_typed_settings_have_exactly_the_schema_keys():
 
 def test_shared_blocks_are_written_once():
     """The LoRA and Trainer blocks: one $defs entry each, one dataclass each, taken in by every training section."""
-    import typing
+    from alignflow.core.params import LoraParams, TrainingParams
 
-    from alignflow.core.params import LoraParams, Params, TrainingParams
-
-    hints = typing.get_type_hints(Params)
+    params = load_params(ROOT / "params.yaml")
     for section in ("sft", "reward_model", "grpo", "dpo", "ipo", "orpo", "simpo"):
         assert SCHEMA["properties"][section]["allOf"] == [{"$ref": "#/$defs/training"}], section
-        assert issubclass(hints[section], TrainingParams), section
+        assert isinstance(getattr(params, section), TrainingParams), section
     assert SCHEMA["properties"]["ppo"]["allOf"] == [{"$ref": "#/$defs/lora"}]
-    assert issubclass(hints["ppo"], LoraParams) and issubclass(TrainingParams, LoraParams)
+    assert isinstance(params.ppo, LoraParams) and issubclass(TrainingParams, LoraParams)
+    # a preference method's section is typed from the schema alone: its own keys with the schema's types
+    assert params.simpo.beta == 2.0 and isinstance(params.simpo.gamma, float) and params.dpo.lr == params.dpo.learning_rate
     for section in SCHEMA["properties"].values():  # no section restates a block's key with its own (laxer) rule
         for part in section.get("allOf", []):
             block = SCHEMA["$defs"][part["$ref"].rsplit("/", 1)[-1]]

@@ -34,8 +34,9 @@ OUTPUTS = [
 
 
 DATA_STAGES = ("base_model", "self_instruct", "filter", "format", "samples", "preferences")
-TRAINING_STAGES = ("sft", "reward_model", "ppo", "dpo", "orpo")
-MODELS = ("base", "sft", "ppo", "dpo", "orpo")
+METHODS = ("ppo", "grpo", "dpo", "ipo", "orpo", "simpo")
+TRAINING_STAGES = ("sft", "reward_model", *METHODS)
+MODELS = ("base", "sft", *METHODS)
 
 
 def digests(repo):
@@ -67,7 +68,7 @@ def pipelines(tmp_path_factory, tiny_model_dir, slurm_cluster):
     return via_dvc, via_snakemake
 
 
-GPU_RULES = ("self_instruct", "sft", "samples", "reward_model", "align@ppo", "align@dpo", "align@orpo",
+GPU_RULES = ("self_instruct", "sft", "samples", "reward_model", *(f"align@{m}" for m in METHODS),
              *(f"evaluate@{m}" for m in MODELS))  # generation, training, evaluation
 
 
@@ -125,7 +126,7 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
     rm = json.loads((via_dvc / "metrics/reward_model.json").read_text())
     assert {"eval_accuracy", "eval_baseline_longer_accuracy", "eval_baseline_random_accuracy"} <= rm.keys()
     assert (via_dvc / "models/reward/model.safetensors").is_file()
-    for method in ("ppo", "dpo", "orpo"):
+    for method in METHODS:
         aligned = json.loads((via_dvc / f"metrics/{method}.json").read_text())
         assert aligned["wall_seconds"] > 0 and aligned["peak_memory_mb"] > 0 and aligned["model_copies"] >= 1
         assert (via_dvc / f"models/aligned/{method}/model.safetensors").is_file()
@@ -134,7 +135,7 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
     report = (via_dvc / "reports/report.md").read_text()
     for name, m in summary["models"].items():  # every model's row carries the summary's numbers
         assert f"| {name} | {m['reward_mean']:.3f} ± {m['reward_std']:.3f} |" in report
-    for stage in ("sft", "reward_model", "align@ppo", "align@dpo", "align@orpo"):
+    for stage in ("sft", "reward_model", *(f"align@{m}" for m in METHODS)):
         assert f"stage `{stage}`" in report
     assert "not in dvc.lock yet" not in report  # dvc repro recorded every upstream stage before the report ran
 
@@ -161,7 +162,7 @@ def test_results_shared_through_a_dvc_remote(pipelines, tmp_path):
     assert "up to date" in sh(["dvc", "status"], clone).stdout
 
 
-DOWNSTREAM_OF_FORMAT = ("sft", "samples", "preferences", "reward_model", "align@ppo", "align@dpo", "align@orpo",
+DOWNSTREAM_OF_FORMAT = ("sft", "samples", "preferences", "reward_model", *(f"align@{m}" for m in METHODS),
                         *(f"evaluate@{m}" for m in MODELS), "compare", "report")
 
 

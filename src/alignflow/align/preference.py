@@ -8,7 +8,7 @@ Writes: see alignflow.align.policy: `<paths.aligned>/<method>/`, `<paths.metrics
 
 With `method: lora` the policy is a LoRA adapter on the starting model, and the reference (DPO, IPO) is the same
 weights with the adapter disabled, so one copy is held. Held-out metrics, before and after training, use the
-formulas of alignflow.align.losses on the eval pairs' log-probs.
+formulas of the method's entry in alignflow.align.methods on the eval pairs' log-probs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignflow.align.losses import response_logps
+from alignflow.align.logprobs import response_logps
 from alignflow.align.methods import Method, load
 from alignflow.align.policy import load_policy, reference, save, start_path
 from alignflow.core.pairs import load_preference_splits

@@ -227,27 +227,6 @@ class GrpoParams(TrainingParams):
 
 
 @dataclass(frozen=True)
-class DpoParams(TrainingParams):
-    beta: float
-
-
-@dataclass(frozen=True)
-class IpoParams(TrainingParams):
-    tau: float
-
-
-@dataclass(frozen=True)
-class OrpoParams(TrainingParams):
-    lam: float
-
-
-@dataclass(frozen=True)
-class SimpoParams(TrainingParams):
-    beta: float
-    gamma: float
-
-
-@dataclass(frozen=True)
 class EvaluateParams:
     backend: str
     models: dict[str, str]
@@ -272,11 +251,15 @@ class Params:
     alignment: AlignmentParams
     ppo: PpoParams
     grpo: GrpoParams
-    dpo: DpoParams
-    ipo: IpoParams
-    orpo: OrpoParams
-    simpo: SimpoParams
+    methods: dict[str, TrainingParams]  # the TRL preference methods' sections (dpo, ipo, orpo, simpo, ...), typed from the schema
     evaluate: EvaluateParams
+
+    def __getattr__(self, name: str) -> Any:
+        """`params.dpo`: a preference method's section, like any other section."""
+        try:
+            return self.__dict__["methods"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     @property
     def reference_model(self) -> str:
@@ -330,14 +313,15 @@ def _describe(error: jsonschema.ValidationError, root_schema: dict[str, Any]) ->
     return path, error.message
 
 
-def validate(data: Any, params_file: Path, text: str) -> None:
+def validate(data: Any, params_file: Path, text: str) -> dict[str, Any]:
+    """Check the data against the schema (every error at once, each with its file:line); returns the schema."""
     schema = yaml.safe_load(schema_path(params_file).read_text(encoding="utf-8"))
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     # a known key with a bad value inside a block ($defs) also counts as "unevaluated": only its own error is shown
     errors = [e for e in errors if e.validator != "unevaluatedProperties" or set(e.instance) - schema_keys(e.schema, schema)]
     if not errors:
-        return
+        return schema
     root = yaml.compose(text)
     lines = []
     for error in errors:
@@ -364,10 +348,13 @@ def load_params(params_file: str | Path = "params.yaml") -> Params:
         mark = getattr(err, "problem_mark", None)
         where = f"{params_file}:{mark.line + 1}" if mark else str(params_file)
         raise ParamsError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    validate(data, params_file, text)
+    schema = validate(data, params_file, text)
+    kinds = section_types(schema)
     sections = {name: kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in data[name].items()})
-                for name, kind in typing.get_type_hints(Params).items() if name != "seed"}
-    params = Params(seed=data["seed"], **sections)
+                for name, kind in kinds.items()}
+    typed = typing.get_type_hints(Params)
+    params = Params(seed=data["seed"], methods={k: v for k, v in sections.items() if k not in typed},
+                    **{k: v for k, v in sections.items() if k in typed})
     check_evaluated_models(params, params_file, yaml.compose(text))
     return params
 
@@ -390,7 +377,35 @@ def check_evaluated_models(params: Params, params_file: Path, root: yaml.Node) -
         raise ParamsError("invalid parameters:\n  " + "\n  ".join(lines))
 
 
-def section_fields() -> dict[str, list[str]]:
+_PYTHON_TYPES = {"number": float, "integer": int, "boolean": bool, "string": str, "array": tuple}
+
+
+def schema_section_type(name: str, section: dict[str, Any]) -> type:
+    """The dataclass of a section only the schema defines (a TRL preference method's): the Trainer block's fields
+    (TrainingParams) and the section's own keys, typed by the schema."""
+    inherited = {f.name for f in dataclasses.fields(TrainingParams)}
+    own = [(key, _PYTHON_TYPES.get(rule.get("type"), str)) for key, rule in section.get("properties", {}).items()
+           if key not in inherited]
+    return dataclasses.make_dataclass(f"{name.title().replace('_', '')}Params", own, bases=(TrainingParams,), frozen=True)
+
+
+def section_types(schema: dict[str, Any]) -> dict[str, type]:
+    """The dataclass of every section: written in this module, or, for a section the Params class does not name (a
+    preference method: dpo, ipo, orpo, simpo), built from its schema section, which must take in $defs/training."""
+    typed = typing.get_type_hints(Params)
+    kinds = {}
+    for name, section in schema["properties"].items():
+        if name in typed:
+            if name != "seed":
+                kinds[name] = typed[name]
+        elif section.get("allOf") == [{"$ref": "#/$defs/training"}]:
+            kinds[name] = schema_section_type(name, section)
+        else:
+            raise ParamsError(f"{SCHEMA_RELPATH}: section {name!r} has no dataclass in core/params.py and does not take in "
+                              "$defs/training (only a preference method's section can be typed from the schema alone)")
+    return kinds
+
+
+def section_fields(schema: dict[str, Any]) -> dict[str, list[str]]:
     """Field names of each typed section, for the schema-agreement test."""
-    hints = typing.get_type_hints(Params)
-    return {name: [f.name for f in dataclasses.fields(kind)] for name, kind in hints.items() if name != "seed"}
+    return {name: [f.name for f in dataclasses.fields(kind)] for name, kind in section_types(schema).items()}
