@@ -62,6 +62,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+ALIGN_METHODS = ("ppo", "grpo", "dpo", "ipo", "orpo", "simpo")
+TINY_METHODS = ("ppo", "grpo", "dpo", "orpo")
+
+
 def tiny_params(model_dir: Path, **overrides) -> dict:
     """params.yaml of the project, shrunk for tests: tiny model, few instructions, short generations."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -80,6 +84,12 @@ def tiny_params(model_dir: Path, **overrides) -> dict:
     params["ipo"].update(epochs=1, batch_size=4, max_length=256)
     params["simpo"].update(epochs=1, batch_size=4, max_length=256)
     params["grpo"].update(epochs=1, batch_size=4, num_generations=2, max_new_tokens=8)
+    # the pipeline tests run one method of each kind in the table: ours online (ppo), TRL online (grpo), TRL on pairs
+    # from the SFT model (dpo) and from the base model (orpo); ipo and simpo run dpo's and orpo's code path (their own
+    # tests train them), and the default run trains all six
+    params["alignment"]["methods"] = list(TINY_METHODS)
+    params["evaluate"]["models"] = {name: path for name, path in params["evaluate"]["models"].items()
+                                    if name not in ALIGN_METHODS or name in TINY_METHODS}
     params["evaluate"].update(max_new_tokens=8)
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
@@ -147,7 +157,6 @@ def workdir(tmp_path, monkeypatch, tiny_model_dir):
     return tmp_path
 
 
-ALIGN_METHODS = ("ppo", "dpo", "orpo", "ipo", "simpo", "grpo")
 
 
 def stage_command(stage: str) -> list[str]:

@@ -20,7 +20,7 @@ import re
 import pytest
 import yaml
 
-from conftest import ROOT, make_repo, sh, tiny_params
+from conftest import ROOT, TINY_METHODS, make_repo, sh, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ OUTPUTS = [
 
 
 DATA_STAGES = ("base_model", "self_instruct", "filter", "format", "samples", "preferences")
-METHODS = ("ppo", "grpo", "dpo", "ipo", "orpo", "simpo")
+METHODS = TINY_METHODS  # one of each kind in the table (tiny_params)
 TRAINING_STAGES = ("sft", "reward_model", *METHODS)
 MODELS = ("base", "sft", *METHODS)
 
