@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SEEDS = ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 VENV_BIN = str(Path(sys.executable).parent)
-PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "src", "data/seeds", "data/prompts", "data/annotations", "data/ab_annotations", "data/eval",
+PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "src", "requirements", "data/seeds", "data/prompts", "data/annotations", "data/ab_annotations", "data/eval",
                  "slurm", ".dvcignore", ".gitignore"]
 
 
