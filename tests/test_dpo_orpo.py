@@ -1,5 +1,5 @@
 """DPO and ORPO: the formulas on given log-probabilities, then real TRL training runs on the tiny model over a
-learnable preference (chosen answers carry a marker word) through `alignflow dpo` / `alignflow orpo`."""
+learnable preference (chosen answers carry a marker word) through `alignflow align dpo` / `alignflow align orpo`."""
 
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ SUITES: dict[str, Suite] = {
         ],
         derived=_prompt_in_both_splits,
     ),
-    "evaluation": Suite(  # one model's responses to the held-out prompts (stages/evaluate.py)
+    "evaluation": Suite(  # one model's responses to the held-out prompts (evaluate/evaluate.py)
         columns=lambda r: {
             "id": r.get("id"), "category": r.get("category"), "lang": r.get("lang"), "harmful": r.get("harmful"),
             "refused": r.get("refused"), "response": r.get("response"), "reward": r.get("reward"),

@@ -5,8 +5,8 @@
 
 A conversation is rendered with the chat template (prompt messages + the assistant's response) and the
 reward is read at its last token, the way `AutoModelForSequenceClassification` reads it. The same
-`conversation_ids` feeds training (stages/reward_model.py), scoring for PPO and for evaluation, so
-the three always see identical tokens. `from_causal_lm` builds the classifier from what the SFT stage
+`conversation_ids` feeds training (reward/reward_model.py), scoring for PPO and GRPO, and evaluation, so
+they all see identical tokens. `from_causal_lm` builds the classifier from what the SFT stage
 wrote: a plain checkpoint, or a LoRA adapter merged into its base.
 """
 
