@@ -141,6 +141,9 @@ def test_stage_writes_loadable_model_metrics_and_curves(sft_dir, tiny_model_dir)
     assert metrics["method"] == "lora" and metrics["trainable_percent"] < 5
     assert isinstance(load_trained(sft_dir / "models" / "sft"), PeftModel)
     assert (sft_dir / "models" / "sft" / "chat_template.jinja").exists()
+    # peft writes target_modules in a set's order, which differs between processes; the stage sorts them
+    saved = json.loads((sft_dir / "models" / "sft" / "adapter_config.json").read_text())["target_modules"]
+    assert saved == sorted(saved) == sorted(tiny_params(tiny_model_dir)["sft"]["lora_target_modules"])
     assert list((sft_dir / "dvclive" / "sft" / "plots" / "metrics").rglob("*.tsv"))
     assert not (sft_dir / "checkpoints" / "sft").exists() or not any((sft_dir / "checkpoints" / "sft").iterdir())
 

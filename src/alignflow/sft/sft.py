@@ -121,6 +121,17 @@ def make_trainer(params: Params, run: TrainingRun, model, tokenizer, train_rows,
 # --- save_checkpoint ---
 
 
+def sort_target_modules(config_file: Path) -> None:
+    """peft keeps `target_modules` as a set and writes it in the set's order, which changes with Python's string
+    hashing from one process to the next: sorted, the same adapter is the same bytes (and DVC hash) every run."""
+    import json
+
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_checkpoint(sft: SftParams, model, tokenizer, out: Path, base_path: str) -> str:
     """Write the trained model so plain transformers / peft code (or our adapter loader) loads it."""
     if sft.method == "adapter":
@@ -136,6 +147,7 @@ def save_checkpoint(sft: SftParams, model, tokenizer, out: Path, base_path: str)
         kind = "full"
     else:
         model.save_pretrained(out)  # peft: adapter_config.json + adapter_model.safetensors
+        sort_target_modules(out / "adapter_config.json")
         kind = "peft"
     tokenizer.save_pretrained(out)
     dump_json({"kind": kind, "method": sft.method, "base": base_path}, out / "alignflow_model.json")
