@@ -42,6 +42,8 @@ def test_ppo_stage_writes_a_loadable_policy_metrics_and_curves(aligned_workdir, 
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(aligned_workdir / "models" / "aligned" / "ppo")
+    info = json.loads((aligned_workdir / "models" / "aligned" / "ppo" / "alignflow_model.json").read_text())
+    assert info == {"kind": "full", "method": "ppo", "start": "models/sft"}  # the report's lineage reads it
 
 
 @pytest.mark.parametrize("method,change,expected", [

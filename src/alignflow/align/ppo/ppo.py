@@ -101,7 +101,7 @@ def run(params: Params) -> None:
     order = random.Random(params.seed)
     pool: list[list[int]] = []
     history = []
-    start = 0
+    first_iteration = 0
     checkpoints = run.checkpoints
     if checkpoints.resume:  # everything a step reads: weights, optimizer, beta, RNGs, the prompt order and pool
         state = torch.load(checkpoints.resume / STATE_FILE, weights_only=True)
@@ -109,7 +109,7 @@ def run(params: Params) -> None:
         restore_rng_states(state["rng"])
         version, internal, gauss = state["order"]
         order.setstate((version, tuple(internal), gauss))
-        start, pool, history = state["iteration"], state["pool"], state["history"]
+        first_iteration, pool, history = state["iteration"], state["pool"], state["history"]
     live_dir = Path(paths.dvclive) / "ppo"
 
     def write_state(tmp: Path, done: int) -> None:
@@ -118,7 +118,7 @@ def run(params: Params) -> None:
         snapshot_curves(live_dir, tmp)
 
     with open_live(live_dir, checkpoints.resume) as live, run.timed():
-        for iteration in tqdm(range(start, cfg.iterations), desc="ppo", unit="iteration", initial=start,
+        for iteration in tqdm(range(first_iteration, cfg.iterations), desc="ppo", unit="iteration", initial=first_iteration,
                               total=cfg.iterations):
             while len(pool) < cfg.batch_size:  # cycle through the train prompts, reshuffled each pass
                 batch = [prompt_ids(m) for m in train_prompts]
