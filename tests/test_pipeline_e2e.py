@@ -88,7 +88,12 @@ def test_slurm_ran_each_stage_as_a_job_with_its_resources(pipelines):
     stages = yaml.safe_load((via_slurm / "dvc.lock").read_text())["stages"]
     jobs = slurm_jobs(via_slurm)
     assert set(jobs) == set(stages), "every DVC stage is one Slurm job (and `all` none)"
-    assert {rule for rule, res in profile["set-resources"].items() if res.get("gpu")} == set(GPU_RULES)
+    # the profile gives a GPU to every generation, training and evaluation rule of the default params (all methods)
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    gpu_rules = {"self_instruct", "sft", "samples", "reward_model", *(f"align@{m}" for m in default["alignment"]["methods"]),
+                 *(f"evaluate@{m}" for m in default["evaluate"]["models"])}
+    assert {rule for rule, res in profile["set-resources"].items() if res.get("gpu")} == gpu_rules
+    assert set(GPU_RULES) <= gpu_rules
     for rule, records in jobs.items():
         assert [r["JobState"] for r in records] == ["COMPLETED"], (rule, records)
         job = records[0]
