@@ -39,11 +39,14 @@ def sft_params(directory, tiny_model_dir, **sft_overrides):
 
 def build(params):
     """The model and trainer the stage would use, without running the stage around them."""
+    from alignflow.core.training import TrainingRun
+
     tokenizer = load_tokenizer(Source(params.paths.base_model))
-    torch.manual_seed(params.seed)  # LoRA and prefix weights start random: make every run of a test the same
+    # seeds torch as the stage does (LoRA and prefix weights start random: every run of a test is the same)
+    run = TrainingRun(params, "sft", [params.paths.train, params.paths.eval, params.paths.base_model])
     model = sft.build_model(params.sft, params.paths.base_model, "cpu", torch.float32)
-    trainer = sft.make_trainer(params, model, tokenizer, sft.load_split(params.paths.train),
-                               sft.load_split(params.paths.eval), Path(params.paths.checkpoints) / "test", "cpu")
+    trainer = sft.make_trainer(params, run, model, tokenizer, sft.load_split(params.paths.train),
+                               sft.load_split(params.paths.eval))
     return model, trainer
 
 
