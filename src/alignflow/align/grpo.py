@@ -66,14 +66,14 @@ def reward_function(params: Params, device: str):
 
 @torch.no_grad()
 def greedy(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only batches are padded on the left
     out = []
     for start in range(0, len(prompts), batch_size):
         texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[start : start + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         out.extend(tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = side  # the trainer's own setting again
     return out
 
 

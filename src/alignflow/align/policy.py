@@ -16,6 +16,7 @@ from typing import Any
 from alignflow.core.io import atomic_path, dump_json
 from alignflow.core.launch import is_main_process
 from alignflow.core.models import load_for_inference
+from alignflow.core.pairs import load_preference_splits
 from alignflow.core.params import Params
 from alignflow.core.training import TrainingRun, chat_tokenizer
 
@@ -60,7 +61,6 @@ def save(params: Params, run: TrainingRun, method: str, start: str, model, token
 def train_and_eval_prompts(pairs_path: str) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:
     """The distinct prompts of the train pairs and of the eval pairs (in first-seen order): what the online methods
     (PPO, GRPO) sample from and measure on."""
-    from alignflow.core.pairs import load_preference_splits
 
     def unique(prompts):
         return list({repr(p): p for p in prompts}.values())
