@@ -7,8 +7,12 @@ and chat template of the embedded SmolLM2 GGUF, so every stage runs for real in 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
+import random
+import signal
 import shutil
 import subprocess
 import sys
@@ -16,6 +20,8 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
 
 import pytest
 import yaml
@@ -37,6 +43,16 @@ def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPro
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}")
     return result
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first (a stable sort, so a module's tests keep their order): with `-n` workers the long ones
+    start early and the quick ones fill the gaps at the end. `slow(seconds=N)` gives a measured length (default 60)."""
+    def length(item) -> float:
+        mark = item.get_closest_marker("slow")
+        return 0 if mark is None else mark.kwargs.get("seconds", 60)
+
+    items.sort(key=lambda item: -length(item))
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +137,7 @@ def make_repo(path: Path, params: dict) -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory) -> Iterator[Path]:
-    """A real single-node Slurm (tests/slurm/cluster.sh: munged, slurmctld, slurmd with one fake GPU), started
+    """A real single-node Slurm (tests/slurm/cluster.sh: munged, slurmctld, slurmd with four fake GPUs), started
     for the session and stopped after it; yields the directory with its config, state and daemon logs."""
     script, state = ROOT / "tests" / "slurm" / "cluster.sh", tmp_path_factory.mktemp("slurm")
     try:
@@ -164,10 +180,35 @@ def stage_command(stage: str) -> list[str]:
     return ["align", stage] if stage in ALIGN_METHODS else [stage]
 
 
-def alignflow(stage: str, cwd: Path, params: str = "params.yaml", extra: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Run `alignflow --params PARAMS STAGE [EXTRA...]` in `cwd` (a method name: `alignflow align METHOD`);
-    returns the finished process (not checked)."""
-    return sh(["alignflow", "--params", params, *stage_command(stage), *(extra or [])], cwd, check=False)
+def alignflow(stage: str, cwd: Path, params: str = "params.yaml", extra: list[str] | None = None,
+              own_process: bool = False) -> subprocess.CompletedProcess:
+    """Run `alignflow --params PARAMS STAGE [EXTRA...]` in `cwd` (a method name: `alignflow align METHOD`) and
+    return the finished run (not checked): its exit code and what it printed.
+
+    It runs in this process, through `cli.main` (what the `alignflow` console script calls), which saves the ~9 s
+    every new process spends importing torch / transformers / TRL. `own_process=True` runs the console script in a
+    process of its own, for what only a real process shows (the ranks `accelerate launch` starts print to its
+    stderr). The pipeline tests run every stage as DVC and Snakemake do, each in its own process."""
+    argv = ["--params", params, *stage_command(stage), *(extra or [])]
+    if own_process:
+        return sh(["alignflow", *argv], cwd, check=False)
+    from alignflow.core import cli
+
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(argv)
+            except SystemExit as exit_:  # argparse's usage errors
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.chdir(before)
+        root = logging.getLogger()  # cli.main points the root logger at the stage's log file: close it
+        for handler in root.handlers:
+            handler.close()
+        root.handlers.clear()
+    return subprocess.CompletedProcess(["alignflow", *argv], code, out.getvalue(), err.getvalue())
 
 
 @contextlib.contextmanager
@@ -203,3 +244,119 @@ def openai_server(reply: Callable[[dict], str | tuple[int, str]], seen_keys: lis
         yield f"http://127.0.0.1:{server.server_port}/v1"
     finally:
         server.shutdown()
+
+
+# --- inputs the stage tests share: learnable preference pairs, small workdirs, the annotation server ---
+
+
+WORDS = ("apple river stone cloud green quick table seven music paper light north winter garden silver "
+         "window letter bridge orange yellow").split()
+MARKER = "banana"
+
+
+def marker_pairs(n_prompts: int, per_prompt: int, seed: int) -> list[dict]:
+    """A learnable preference with nothing in length: chosen answers carry the MARKER word, rejected ones do not,
+    both eight words; `per_prompt` pairs for each of `n_prompts` prompts, split train / eval by prompt."""
+    from alignflow.core.pairs import assign_splits, make_pair
+
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n_prompts):
+        prompt = [{"role": "user", "content": f"Say something about {rng.choice(WORDS)} number {i}."}]
+        for _ in range(per_prompt):
+            words = rng.choices(WORDS, k=8)
+            chosen, rejected = list(words), rng.choices(WORDS, k=8)
+            chosen[rng.randrange(8)] = MARKER
+            pairs.append(make_pair(prompt, " ".join(chosen), " ".join(rejected), {"kind": "rules"}))
+    return assign_splits(pairs, seed, 0.2)
+
+
+def sft_and_marker_pairs(workdir: Path, model_dir: Path, n_prompts: int, per_prompt: int, seed: int) -> Path:
+    """`model_dir` as the SFT model of `workdir`, and marker pairs as its preference pairs; returns `workdir`."""
+    shutil.copytree(model_dir, workdir / "models" / "sft")
+    pairs = workdir / "data" / "preferences" / "pairs.jsonl"
+    pairs.parent.mkdir(parents=True)
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in marker_pairs(n_prompts, per_prompt, seed=seed)))
+    return workdir
+
+
+@pytest.fixture
+def aligned_workdir(workdir, tiny_model_dir):
+    """The tiny model as the SFT model and as a reward model; marker pairs."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.save_pretrained(workdir / "models" / "reward")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(workdir / "models" / "reward")
+    return sft_and_marker_pairs(workdir, tiny_model_dir, 6, 2, seed=5)
+
+
+@pytest.fixture
+def pairs_workdir(workdir, tiny_model_dir):
+    """The tiny model as the SFT model; 48 marker pairs over 12 prompts."""
+    return sft_and_marker_pairs(workdir, tiny_model_dir, 12, 4, seed=5)
+
+
+PAIRS = [("What is the capital of France?", "Paris."), ("把这句话翻译成英文：你好。", "Hello."),
+         ("Name a primary colour.", "Red."), ("2 + 2 = ?", "4")]
+
+
+@pytest.fixture
+def sft_dir(workdir):
+    """workdir with a small, learnable formatted dataset (the same kind of examples in train and eval)."""
+    for split, repeat in (("train", 4), ("eval", 1)):
+        path = workdir / "data" / "formatted" / f"{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"id": f"{split}{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                for i, (q, a) in enumerate(PAIRS * repeat)]
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return workdir
+
+
+@contextlib.contextmanager
+def server(cwd: Path, *args: str):
+    """`alignflow annotate ARGS --port 0` in cwd; yields (process, URL it printed); SIGKILLs it at the end."""
+    proc = subprocess.Popen(["alignflow", "annotate", *args, "--port", "0"], cwd=cwd, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://"), proc.stderr.read() if proc.poll() is not None else url
+        yield proc, url
+    finally:
+        kill(proc)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def call(url: str, path: str, body: bytes | dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """One request to the annotation server: (HTTP status, JSON body); a JSON body for a dict, raw bytes as given."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = Request(url.split("?")[0].rstrip("/") + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def events(path: Path) -> list[dict]:
+    """The records of an annotation log (JSONL); none if it does not exist."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def self_instruct_reply(body: dict, counter=[0]) -> str:  # noqa: B006 (a call counter)
+    """A Self-Instruct teacher for `openai_server`: new tasks, "No" to the classification question, an instance."""
+    prompt = body["messages"][-1]["content"]
+    counter[0] += 1
+    n = counter[0]
+    if prompt.startswith("Come up with a series of tasks"):
+        return f"9. Name {n} animals that live in the sea.\n10. 写一首关于第{n}个秋天的短诗。"
+    if prompt.startswith("Can the following task"):
+        return "No"
+    return f" <noinput>\nOutput: answer {n}"

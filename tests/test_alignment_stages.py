@@ -9,24 +9,6 @@ import shutil
 import pytest
 
 from conftest import alignflow, tiny_params, write_params
-from test_reward_model import marker_pairs
-
-
-@pytest.fixture
-def aligned_workdir(workdir, tiny_model_dir):
-    """The tiny model as the SFT model and as a reward model; marker pairs."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    shutil.copytree(tiny_model_dir, workdir / "models" / "sft")
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    rm.save_pretrained(workdir / "models" / "reward")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(workdir / "models" / "reward")
-    pairs = workdir / "data" / "preferences" / "pairs.jsonl"
-    pairs.parent.mkdir(parents=True)
-    pairs.write_text("".join(json.dumps(p) + "\n" for p in marker_pairs(6, 2, seed=5)))
-    return workdir
 
 
 def test_ppo_stage_writes_a_loadable_policy_metrics_and_curves(aligned_workdir, tiny_model_dir):

@@ -15,43 +15,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-from contextlib import contextmanager
 from pathlib import Path
-from urllib.error import HTTPError
-from urllib.request import Request, urlopen
+from urllib.request import urlopen
 
 import pytest
 import yaml
 
 from alignflow.core.annotation_log import between_annotators, cohen_kappa, text_hash
-from conftest import alignflow, env, make_repo, sh, tiny_params, write_params
+from conftest import alignflow, call, events, kill, make_repo, server, sh, tiny_params, write_params
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOTS = os.environ.get("ALIGNFLOW_SCREENSHOTS")  # a folder: keep the screenshots (the README's come from here)
 
 
 # --- the server and the browser ---
-
-
-@contextmanager
-def server(cwd: Path, *args: str):
-    """`alignflow annotate ARGS --port 0` in cwd; yields (process, URL it printed); SIGKILLs it at the end."""
-    proc = subprocess.Popen(["alignflow", "annotate", *args, "--port", "0"], cwd=cwd, env=env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://"), proc.stderr.read() if proc.poll() is not None else url
-        yield proc, url
-    finally:
-        kill(proc)
-
-
-def kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +89,6 @@ def shown_keys(driver) -> list[str]:
 
 def current_text(driver) -> str:
     return driver.find_element("id", "prompt").text
-
-
-def events(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
 
 
 def screenshot(driver, name: str) -> None:
@@ -224,16 +197,6 @@ def test_rank_by_dragging(annotate_dir, browser):
     assert answer["ranking"] == [k[3], k[0], k[1], k[2]] and answer["unacceptable"] == []
 
 
-def call(url: str, path: str, body: bytes | dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    request = Request(url.split("?")[0].rstrip("/") + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def test_bad_requests_get_4xx_and_write_nothing(annotate_dir):
     with server(annotate_dir, "rank") as (proc, url):
         status, view = call(url, "/api/view?annotator=ana")
@@ -332,7 +295,7 @@ def arrange(driver, desired: list[str]) -> None:
     assert shown_keys(driver) == desired
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=350)
 def test_human_feedback_loop_recorded_by_dvc(tmp_path, tiny_model_dir, browser):
     """The issue's "done when": sample, rank in the browser, reward model and DPO on the human pairs, A/B in the
     browser, human win rates in the evaluation; every step a DVC stage or a DVC dependency."""

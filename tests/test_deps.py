@@ -27,8 +27,7 @@ import yaml
 from dvc.dependency.param import ParamsDependency
 
 from alignflow.core.cli import STAGES
-from conftest import ROOT, make_repo, openai_server, sh, tiny_params
-from test_self_instruct import self_instruct_reply
+from conftest import ROOT, make_repo, openai_server, self_instruct_reply, sh, tiny_params
 
 PACKAGE = "alignflow"
 CLI = "alignflow.core.cli"

@@ -19,9 +19,7 @@ import yaml
 
 from alignflow.core import launch
 from alignflow.core.io import InputError
-from conftest import ROOT, alignflow, tiny_params, write_params
-from test_reward_model import marker_pairs
-from test_sft import sft_dir  # noqa: F401  (fixture: a small formatted train / eval split in the workdir)
+from conftest import ROOT, alignflow, marker_pairs, tiny_params, write_params
 
 CONFIGS = ROOT / "workflow" / "accelerate"
 # fp32 on the CPU; what differs between one and two processes is the order of float reductions (the gloo
@@ -42,7 +40,7 @@ def run(stage: str, directory, params: dict, processes) -> tuple[dict, str, str]
     params["distributed"]["num_processes"] = processes
     write_params(directory, params)
     shutil.copytree(CONFIGS, directory / "workflow" / "accelerate", dirs_exist_ok=True)
-    result = alignflow(stage, directory)
+    result = alignflow(stage, directory, own_process=processes == 2)  # the ranks print to the real stderr
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((directory / "metrics" / f"{stage}.json").read_text())
     return metrics, result.stderr, (directory / "logs" / f"{stage}.log").read_text()
@@ -85,7 +83,7 @@ def dpo_dir(workdir, tiny_model_dir):
     return workdir
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=80)
 def test_dpo_on_two_processes_matches_one(dpo_dir, tiny_model_dir):
     params = tiny_params(tiny_model_dir)
     params["dpo"].update(method="lora", epochs=1, batch_size=8, learning_rate=1e-2, warmup_ratio=0.0)

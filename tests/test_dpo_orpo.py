@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ import torch
 from alignflow.align.logprobs import log_odds
 from alignflow.align.methods import dpo_metrics, orpo_metrics
 from conftest import alignflow, tiny_params, write_params
-from test_reward_model import marker_pairs
 
 
 def test_dpo_metrics_follow_the_loss_formula():
@@ -54,16 +52,7 @@ def test_log_odds_do_not_saturate():
     assert log_odds(torch.tensor([0.0])).item() == math.inf  # P = 1: infinite odds, not a clamped number
 
 
-@pytest.fixture
-def pairs_workdir(workdir, tiny_model_dir):
-    shutil.copytree(tiny_model_dir, workdir / "models" / "sft")
-    pairs = workdir / "data" / "preferences" / "pairs.jsonl"
-    pairs.parent.mkdir(parents=True)
-    pairs.write_text("".join(json.dumps(p) + "\n" for p in marker_pairs(12, 4, seed=5)))
-    return workdir
-
-
-@pytest.mark.slow
+@pytest.mark.slow(seconds=130)
 @pytest.mark.parametrize("method,margin_key,rise", [
     ("dpo", "eval_reward_margin", 0.05),      # beta * log-ratio margin (0.13 measured; 0 before: policy = reference)
     ("orpo", "eval_log_odds_ratio", 0.02),    # of the mean token probability, so one marker token in ~20 moves it less

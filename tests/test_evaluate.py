@@ -11,8 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import ROOT, alignflow, env, openai_server, tiny_params, write_params
-from test_annotate import call, events, server
+from conftest import ROOT, alignflow, call, env, events, openai_server, server, tiny_params, write_params
 from alignflow.core.params import ParamsError, load_params
 from alignflow.core.rouge import rouge_l_f, tokenize
 from alignflow.evaluate.compare import judge_outcomes, refusal_detector_accuracy, win_rates

@@ -12,8 +12,6 @@ import torch
 
 from alignflow.align.methods import ipo_metrics, simpo_metrics
 from conftest import alignflow, tiny_params, write_params
-from test_alignment_stages import aligned_workdir  # noqa: F401 (fixture)
-from test_dpo_orpo import pairs_workdir  # noqa: F401 (fixture)
 
 
 def test_ipo_metrics_follow_the_paper():
@@ -32,12 +30,12 @@ def test_simpo_metrics_follow_the_paper():
     assert m["loss"] == pytest.approx(-math.log(1 / (1 + math.exp(-(2.0 - 0.5)))))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=120)
 @pytest.mark.parametrize("method,margin_key,rise,change", [
     ("ipo", "eval_logratio_margin", 0.01, {"tau": 0.5}),
     ("simpo", "eval_reward_margin", 0.02, {"beta": 2.0, "gamma": 0.5}),
 ])
-def test_ipo_and_simpo_raise_the_held_out_margin(method, margin_key, rise, change, pairs_workdir, tiny_model_dir):  # noqa: F811
+def test_ipo_and_simpo_raise_the_held_out_margin(method, margin_key, rise, change, pairs_workdir, tiny_model_dir):
     params = tiny_params(tiny_model_dir)
     params[method].update(method="full", epochs=4, learning_rate=3e-3, batch_size=8, warmup_ratio=0.0, **change)
     write_params(pairs_workdir, params)
@@ -57,7 +55,7 @@ def test_ipo_and_simpo_raise_the_held_out_margin(method, margin_key, rise, chang
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reward", ["reward_model", "rules"])
-def test_grpo_trains_from_the_sft_model_on_the_prompts(reward, aligned_workdir, tiny_model_dir):  # noqa: F811
+def test_grpo_trains_from_the_sft_model_on_the_prompts(reward, aligned_workdir, tiny_model_dir):
     params = tiny_params(tiny_model_dir)
     params["grpo"]["reward"] = reward
     write_params(aligned_workdir, params)
@@ -81,7 +79,7 @@ def test_grpo_trains_from_the_sft_model_on_the_prompts(reward, aligned_workdir, 
     assert (aligned_workdir / "dvclive" / "grpo" / "plots" / "metrics").is_dir()
 
 
-def test_grpo_batch_must_hold_whole_groups(aligned_workdir, tiny_model_dir):  # noqa: F811
+def test_grpo_batch_must_hold_whole_groups(aligned_workdir, tiny_model_dir):
     params = tiny_params(tiny_model_dir)
     params["grpo"].update(batch_size=6, num_generations=4)
     write_params(aligned_workdir, params)

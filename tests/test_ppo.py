@@ -121,7 +121,7 @@ def test_ppo_raises_the_reward_and_keeps_kl_bounded():
     assert all(0 <= h["clip_fraction"] <= 1 and h["entropy"] > 0 for h in history)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 def test_large_beta_keeps_the_policy_near_the_reference():
     free = train(tiny_trainer(kl_coef=0.0), 10)
     held = train(tiny_trainer(kl_coef=1.0), 10)

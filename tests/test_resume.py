@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 
 from conftest import alignflow, env, stage_command, tiny_params, write_params
-from test_alignment_stages import aligned_workdir  # noqa: F401  (fixtures: the tiny SFT and reward models, pairs)
-from test_sft import sft_dir  # noqa: F401
 
 # Each stage trains long enough (small batches, a checkpoint every 2 steps / iterations) that it is still running
 # when its first checkpoint appears, and no longer, as three runs of every stage start up (most of their time);

@@ -5,44 +5,20 @@ TRL RewardTrainer, run through `alignflow reward_model`) must beat both baseline
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
 import torch
 
-from alignflow.core.pairs import assign_splits, make_pair
 from alignflow.core.reward import conversation_ids, from_causal_lm, score
-from conftest import alignflow, tiny_params, write_params
-
-WORDS = ("apple river stone cloud green quick table seven music paper light north winter garden silver "
-         "window letter bridge orange yellow").split()
-MARKER = "banana"
-
-
-def marker_pairs(n_prompts: int, per_prompt: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    pairs = []
-    for i in range(n_prompts):
-        prompt = [{"role": "user", "content": f"Say something about {rng.choice(WORDS)} number {i}."}]
-        for _ in range(per_prompt):
-            words = rng.choices(WORDS, k=8)
-            chosen, rejected = list(words), rng.choices(WORDS, k=8)
-            chosen[rng.randrange(8)] = MARKER
-            pairs.append(make_pair(prompt, " ".join(chosen), " ".join(rejected), {"kind": "rules"}))
-    return assign_splits(pairs, seed, 0.2)
-
+from conftest import MARKER, alignflow, sft_and_marker_pairs, tiny_params, write_params
 
 @pytest.fixture
 def rm_workdir(workdir, tiny_model_dir):
-    shutil.copytree(tiny_model_dir, workdir / "models" / "sft")
-    pairs = workdir / "data" / "preferences" / "pairs.jsonl"
-    pairs.parent.mkdir(parents=True)
-    pairs.write_text("".join(json.dumps(p) + "\n" for p in marker_pairs(30, 8, seed=3)))
-    return workdir
+    return sft_and_marker_pairs(workdir, tiny_model_dir, 30, 8, seed=3)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=140)
 def test_reward_model_learns_a_marker_and_beats_both_baselines(rm_workdir, tiny_model_dir):
     params = tiny_params(tiny_model_dir)
     params["reward_model"].update(method="full", epochs=4, learning_rate=3e-3, batch_size=16, warmup_ratio=0.0)

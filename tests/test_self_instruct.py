@@ -12,7 +12,7 @@ from alignflow.core.params import load_params
 from alignflow.data import self_instruct
 from alignflow.data.records import read_seed_tasks
 from alignflow.data.self_instruct import parse_instance, parse_instructions, parse_yes_no
-from conftest import ROOT, SHARED_SEEDS, alignflow, openai_server, tiny_params, write_params
+from conftest import ROOT, SHARED_SEEDS, alignflow, openai_server, self_instruct_reply, tiny_params, write_params
 
 GOOD = {"id": "t1", "name": "t", "instruction": "Say hi.", "instances": [{"input": "", "output": "Hi"}], "is_classification": False}
 
@@ -104,17 +104,6 @@ def test_transformers_backend_on_tiny_model_with_provenance(workdir, tiny_model_
         machine = [e for e in prov["prompt_examples"] if e not in seed_ids]
         assert len(machine) == (0 if prov["round"] == 0 else 2), prov
     assert max(r["provenance"]["round"] for r in records) >= 1
-
-
-def self_instruct_reply(body: dict, counter=[0]) -> str:  # noqa: B006 (a call counter)
-    prompt = body["messages"][-1]["content"]
-    counter[0] += 1
-    n = counter[0]
-    if prompt.startswith("Come up with a series of tasks"):
-        return f"9. Name {n} animals that live in the sea.\n10. 写一首关于第{n}个秋天的短诗。"
-    if prompt.startswith("Can the following task"):
-        return "No"
-    return f" <noinput>\nOutput: answer {n}"
 
 
 SEEN_KEYS: list[str] = []

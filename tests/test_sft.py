@@ -14,22 +14,6 @@ from alignflow.sft import sft
 from conftest import alignflow, tiny_params, write_params
 
 METHODS = ["full", "lora", "qlora", "prefix", "adapter"]
-PAIRS = [("What is the capital of France?", "Paris."), ("把这句话翻译成英文：你好。", "Hello."),
-         ("Name a primary colour.", "Red."), ("2 + 2 = ?", "4")]
-
-
-@pytest.fixture
-def sft_dir(workdir):
-    """workdir with a small, learnable formatted dataset (the same kind of examples in train and eval)."""
-    for split, repeat in (("train", 4), ("eval", 1)):
-        path = workdir / "data" / "formatted" / f"{split}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [{"id": f"{split}{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                for i, (q, a) in enumerate(PAIRS * repeat)]
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return workdir
-
-
 def sft_params(directory, tiny_model_dir, **sft_overrides):
     params = tiny_params(tiny_model_dir)
     params["sft"].update(epochs=2, batch_size=4, **sft_overrides)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A single-node Slurm for the tests: munged, slurmctld and slurmd started by hand (no systemd, no slurmdbd),
-# one fake GPU (gres.conf `File=/dev/null`), two partitions: `cpu` (the default) and `gpu`.
+# four fake GPUs (gres.conf `File=DIR/gpu[0-3]`,
+# character devices like /dev/null), two partitions: `cpu` (the default) and `gpu`.
 #
 #   bash tests/slurm/cluster.sh start DIR   # config, state and logs under DIR; prints SLURM_CONF=DIR/slurm.conf
 #   SLURM_CONF=DIR/slurm.conf sbatch --wrap hostname
@@ -82,11 +83,14 @@ MailProg=/bin/true
 SchedulerParameters=sched_interval=1
 GresTypes=gpu
 SlurmdParameters=config_overrides
-NodeName=$host NodeAddr=127.0.0.1 CPUs=16 RealMemory=64000 Gres=gpu:1 State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=64 RealMemory=256000 Gres=gpu:4 State=UNKNOWN
 PartitionName=cpu Nodes=$host Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$host MaxTime=INFINITE State=UP
 EOF
-    echo "NodeName=$host Name=gpu File=/dev/null" > "$dir/gres.conf"
+    for i in 0 1 2 3; do  # four GPU jobs at once, as the fan-out rules want; each "GPU" is a /dev/null twin
+        [ -c "$dir/gpu$i" ] || mknod "$dir/gpu$i" c 1 3
+    done
+    echo "NodeName=$host Name=gpu File=$dir/gpu[0-3]" > "$dir/gres.conf"
     ln -sfn "$dir/slurm.conf" /etc/slurm/slurm.conf
     export SLURM_CONF=$dir/slurm.conf
 
