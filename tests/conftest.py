@@ -30,8 +30,11 @@ import yaml
 # pytest-xdist workers already keep the cores busy, and a second thread per process only spins. Measured on CI's two
 # cores, two test modules side by side: 228 s with the default threads, 160 s with one. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 ROOT = Path(__file__).resolve().parents[1]
+# The ONNX exports of the generation engine, shared by every test process (the DVC and the Snakemake pipeline train
+# byte-identical models, so the second one finds its exports here). Keyed by a hash of the weights: never stale.
+os.environ.setdefault("ALIGNFLOW_CACHE", str(ROOT / ".pytest_cache" / "alignflow"))
+
 SHARED_SEEDS = ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 VENV_BIN = str(Path(sys.executable).parent)
 PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "src", "requirements", "data/seeds", "data/prompts", "data/annotations", "data/ab_annotations", "data/eval",

@@ -1,14 +1,19 @@
 """Generator backends: the OpenAI-compatible one keeps a bounded number of requests in flight, retries
-failed ones, and returns answers in prompt order; the vLLM one says clearly what it needs when it cannot run."""
+failed ones, and returns answers in prompt order; the vLLM one says clearly what it needs when it cannot run; the ONNX
+Runtime GenAI one (the CPU default) answers as transformers does at fp32, samples reproducibly per seed, names itself
+in the provenance, and never reuses an export made from other weights."""
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from alignflow.core.generation import OpenAIGenerator, VLLMGenerator
+from alignflow.core.generation import OnnxGenerator, OpenAIGenerator, VLLMGenerator, local_generator, onnx_export
 from alignflow.core.io import InputError
 from conftest import openai_server
 
@@ -56,3 +61,101 @@ def test_vllm_backend_without_vllm_says_what_it_needs(tiny_model_dir):
             VLLMGenerator(str(tiny_model_dir), temperature=0.0, top_p=1.0, chat_template=True, seed=0)
     else:
         pytest.skip("vllm is installed here: its engine is exercised on a GPU machine, not in this test")
+
+
+# --- the ONNX Runtime GenAI engine (the CPU default) ---------------------------------------------------------------
+
+PROMPTS = ["Write a poem about the sea.", "Hi", "What is two plus two? Explain it step by step, please.",
+           "Name three colours.", "Translate 'good morning' into French and into German."]
+
+
+@pytest.fixture(scope="module")
+def lively_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with large random weights, so that greedy answers differ from prompt to prompt (the default
+    initialisation answers every prompt with one repeated token, which any engine would match)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignflow.core.models import load_tokenizer, resolve_source
+    from alignflow.core.params import ModelParams
+
+    tokenizer = load_tokenizer(resolve_source(ModelParams("embedded:smollm2", None, None, False, "auto")))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.5,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("lively-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_on_lively(lively_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter on that model, written as a training stage writes one (alignflow_model.json names its base)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(lively_model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    out = tmp_path_factory.mktemp("lively-lora")
+    model.save_pretrained(out)
+    (out / "alignflow_model.json").write_text(json.dumps({"kind": "peft", "base": str(lively_model_dir)}))
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(lively_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("which", ["plain", "lora"])
+def test_onnx_fp32_answers_exactly_as_transformers(which, lively_model_dir, lora_on_lively):
+    """fp32 export, greedy: the same tokens as transformers for prompts of different lengths in one batch (ORT GenAI
+    reads right-padded batches; padded wrongly, the shorter prompts' answers change) and for a LoRA checkpoint
+    (merged before the export)."""
+    path = str(lively_model_dir if which == "plain" else lora_on_lively)
+    settings = {"temperature": 0.0, "top_p": 1.0, "batch_size": 3, "chat_template": True, "seed": 0}
+    expected = local_generator("transformers", path, **settings).generate_ids(PROMPTS, max_new_tokens=12, seed=0)
+    engine = local_generator("onnx-fp32", path, **settings)
+    assert isinstance(engine, OnnxGenerator)
+    got = engine.generate_ids(PROMPTS, max_new_tokens=12, seed=0)
+    assert len({tuple(ids) for ids in expected}) >= 3, "the test model answers every prompt alike: the check would be empty"
+    assert got == expected
+    assert all(isinstance(t, int) for ids in got for t in ids)
+
+
+def test_onnx_sampling_is_reproducible_and_names_the_engine(lively_model_dir, caplog):
+    """Same seed and engine, same tokens (also from a second engine built from the cached export); another seed,
+    other tokens; the provenance names the backend and the engine's version; the export is cached by weights."""
+    import onnxruntime_genai
+
+    settings = {"temperature": 1.0, "top_p": 0.95, "batch_size": 2, "chat_template": True, "seed": 0}
+    first = local_generator("onnx-int4", str(lively_model_dir), **settings)
+    a = first.generate(PROMPTS, max_new_tokens=16, seed=7)
+    assert first.generate(PROMPTS, max_new_tokens=16, seed=7) == a
+    assert first.generate(PROMPTS, max_new_tokens=16, seed=8) != a
+    with caplog.at_level(logging.INFO, logger="alignflow.core.generation"):
+        second = local_generator("onnx-int4", str(lively_model_dir), **settings)
+    assert "from the cache" in caplog.text
+    assert second.generate(PROMPTS, max_new_tokens=16, seed=7) == a
+    assert first.describe() == {"backend": "onnx-int4", "engine": f"onnxruntime-genai {onnxruntime_genai.__version__}",
+                                "model": str(lively_model_dir), "chat_template": True}
+
+
+def test_onnx_export_key_follows_the_weights(lively_model_dir, tmp_path, monkeypatch):
+    """One changed weight gives another export (a stale export can never be used); the same weights, the same one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("ALIGNFLOW_CACHE", str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(lively_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(lively_model_dir)
+    first = onnx_export(model, tokenizer, "int4")
+    assert onnx_export(model, tokenizer, "int4") == first
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    second = onnx_export(model, tokenizer, "int4")
+    assert second != first and (second / "genai_config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted([first.name, second.name])

@@ -23,17 +23,16 @@ def accelerate_section(name: str) -> str | None:
     return name if method(name).accelerate else None
 
 
-def run(params: Params, name: str) -> None:
+def run(params: Params, name: str) -> str | None:
     entry = method(name)
     if entry.reads == "pairs":
         from alignflow.align import preference
 
-        preference.run(params, entry)
-    elif name == "ppo":
+        return preference.run(params, entry)
+    if name == "ppo":
         from alignflow.align.ppo import ppo
 
-        ppo.run(params)
-    else:
-        from alignflow.align import grpo
+        return ppo.run(params)
+    from alignflow.align import grpo
 
-        grpo.run(params)
+    return grpo.run(params)

@@ -77,7 +77,7 @@ def greedy(model, tokenizer, prompts, max_new_tokens: int, batch_size: int = 16)
     return out
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     from datasets import Dataset
 
     cfg, paths, entry = params.grpo, params.paths, method("grpo")
@@ -116,5 +116,5 @@ def run(params: Params) -> None:
         # policy (+ the reference: the adapter disabled with LoRA) + the reward model
         "model_copies": (1 if cfg.method == "lora" or cfg.beta == 0 else 2) + (cfg.reward == "reward_model"),
     })
-    log.info("grpo: held-out reward %.3f -> %.3f (%s), %d steps, %.0f s", before, after, cfg.reward,
-             trainer.state.global_step, run.wall)
+    return (f"wrote {Path(params.paths.aligned) / 'grpo'}: held-out reward {before:.3f} -> {after:.3f} ({cfg.reward}), "
+            f"{trainer.state.global_step} steps")

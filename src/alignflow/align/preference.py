@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -53,7 +54,7 @@ def held_out_logps(trainer, tokenizer, split, with_reference: bool) -> HeldOutLo
     return logps
 
 
-def run(params: Params, method: Method) -> None:
+def run(params: Params, method: Method) -> str | None:
     cfg = getattr(params, method.name)
     start = start_path(params, method.start_from)
     run = TrainingRun(params, method.name, [params.paths.pairs, start])
@@ -77,4 +78,4 @@ def run(params: Params, method: Method) -> None:
         "train_loss": train_loss, **method.options(cfg), "train_pairs": len(train.prompts),
         "eval_pairs": len(held_out.prompts), "model_copies": copies,
     })
-    log.info("%s: %s %.4f -> %.4f", method.name, label, before[key], after[key])
+    return f"wrote {Path(params.paths.aligned) / method.name}: {label} {before[key]:.4f} -> {after[key]:.4f}"

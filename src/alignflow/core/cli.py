@@ -7,7 +7,9 @@
     alignflow annotate rank                 # not a stage: a web page for people's rankings / A/B answers
 
 Each stage logs to `<paths.logs>/<stage>.log` (declared in dvc.yaml, so DVC and Snakemake both know
-it) and to stderr. Bad input (params, seed files, data contracts) ends with one clear message and
+it) and to stderr, shows its progress on stderr (tqdm: generation, training steps, scoring) and ends with one
+line: what it wrote, its headline number and its wall time. The libraries' deprecation warnings go to the log
+file only (set ALIGNFLOW_WARNINGS=1 to see them on the terminal too). Bad input (params, seed files, data contracts) ends with one clear message and
 exit code 2; nothing is left half-written because every stage writes through `io.atomic_path`.
 With `distributed.num_processes` above one, the stages that train with a Trainer (sft, reward_model, and the
 TRL-backed alignment methods) re-run themselves under `accelerate launch` (alignflow.core.launch) and return its
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -62,12 +65,33 @@ def _setup_logging(log_file: Path) -> None:
         if launch.LAUNCHED_BY_ALIGNFLOW not in os.environ:
             log_file.write_text("", encoding="utf-8")  # a fresh log for each run
         handlers.insert(0, logging.FileHandler(log_file, mode="a", encoding="utf-8"))
+    if not os.environ.get("ALIGNFLOW_WARNINGS"):
+        handlers[-1].addFilter(_not_a_library_deprecation)
     root = logging.getLogger()
     root.handlers.clear()
     for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
     root.setLevel(logging.INFO)
+    logging.captureWarnings(True)  # warnings.warn from the libraries: a log record (the file keeps it), not a bare print
+    # transformers logs through a handler of its own (not the file, not this filter): route its records through ours
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    if "transformers" in sys.modules or importlib.util.find_spec("transformers") is not None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+
+
+DEPRECATIONS = ("DeprecationWarning", "FutureWarning", "deprecated", "will be removed")
+
+
+def _not_a_library_deprecation(record: logging.LogRecord) -> bool:
+    """The terminal's filter: drop the libraries' deprecation notices (they are in the log file)."""
+    if record.name.startswith("alignflow") or record.levelno >= logging.ERROR:
+        return True
+    message = record.getMessage()
+    return not any(marker in message for marker in DEPRECATIONS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 else f"annotate-{args.mode}" if args.stage == "annotate" else args.stage)
     _setup_logging(Path(params.paths.logs) / f"{log_name}.log")
     log = logging.getLogger(f"alignflow.{args.stage}")
-    started = time.perf_counter()
+    started, summary = time.perf_counter(), None
     try:
         if args.stage == "import-preferences":
             from alignflow.core.pairs import import_file
@@ -126,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                 log.error("accelerate launch exited %d; the ranks' messages are above", relaunched)
                 return relaunched
             if relaunched is None:
-                module.run(params, *stage_args)
+                summary = module.run(params, *stage_args)
     except (InputError, ContractError, FileNotFoundError) as err:
         log.error("%s", err)
         return 2
-    log.info("done in %.1f s", time.perf_counter() - started)
+    log.info("%s%sdone in %.1f s", summary or "", "; " if summary else "", time.perf_counter() - started)
     return 0
 
 

@@ -8,18 +8,26 @@
   connection errors, timeouts, 429 and 5xx answers with exponential backoff (`max_retries`).
 - `VLLMGenerator`: vLLM's offline engine on a local checkpoint, when `vllm` is installed (a CUDA GPU);
   prompts are rendered with the checkpoint's own chat template, one sampling seed per prompt.
+- `OnnxGenerator`: ONNX Runtime GenAI on the CPU (backends `onnx-int4`, `onnx-int8`, `onnx-fp32`): the checkpoint
+  (LoRA merged) is exported once by ORT GenAI's model builder into a cache keyed by a hash of its weights, so an
+  unchanged model is never exported twice and a changed one never reuses a stale export
+  (`$ALIGNFLOW_CACHE`, default `~/.cache/alignflow`). 5-6x faster than transformers at batch 1 on two cores
+  (benchmarks/results/generation.json).
 
-All three expose `generate(prompts, *, max_new_tokens, seed, stop=None) -> list[str]` (the `Generator`
+All four expose `generate(prompts, *, max_new_tokens, seed, stop=None) -> list[str]` (the `Generator`
 protocol; a reply is cut at its first stop string) and `describe()`, the provenance recorded beside each
-generated example (no secrets in it). A prompt is a string (one user turn) or a list of chat messages;
+generated example (no secrets in it: backend, engine and its version, model). The local backends also have
+`generate_ids(prompts, *, max_new_tokens, seed, min_new_tokens=0) -> list[list[int]]`, the new tokens. A prompt is a string (one user turn) or a list of chat messages;
 the local backends take chat messages only with `chat_template` on.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm import tqdm
@@ -53,7 +61,10 @@ class TransformersGenerator:
         self.model = load_for_inference(model_path, dtype=dtype).to(self.device).eval()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "transformers", "model": self.model_path, "chat_template": self.chat_template}
+        import transformers
+
+        return {"backend": "transformers", "engine": f"transformers {transformers.__version__}", "model": self.model_path,
+                "chat_template": self.chat_template}
 
     def _render(self, prompt: Prompt) -> str:
         if not self.chat_template:
@@ -62,11 +73,12 @@ class TransformersGenerator:
             return prompt
         return self.tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
 
-    def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
+    def generate_ids(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, min_new_tokens: int = 0,
+                     stop: list[str] | None = None) -> list[list[int]]:
         import torch
 
         torch.manual_seed(seed)  # one seed per call: a rerun with the same params samples the same tokens
-        outputs: list[str] = []
+        outputs: list[list[int]] = []
         batches = range(0, len(prompts), self.batch_size)
         for start in tqdm(batches, desc="generate", unit="batch", leave=False, disable=len(batches) < 2):
             texts = [self._render(p) for p in prompts[start : start + self.batch_size]]
@@ -76,6 +88,7 @@ class TransformersGenerator:
                 out = self.model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
+                    min_new_tokens=min_new_tokens or None,
                     do_sample=self.temperature > 0,
                     temperature=self.temperature if self.temperature > 0 else None,
                     top_p=self.top_p if self.temperature > 0 else None,
@@ -84,9 +97,12 @@ class TransformersGenerator:
                     stop_strings=stop or None,
                     tokenizer=self.tokenizer if stop else None,
                 )
-            new_tokens = out[:, enc["input_ids"].shape[1] :]
-            outputs.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-        return [_cut_at_stop(o, stop) for o in outputs]
+            outputs.extend(_until_eos(row, self.tokenizer.eos_token_id) for row in out[:, enc["input_ids"].shape[1] :].tolist())
+        return outputs
+
+    def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
+        ids = self.generate_ids(prompts, max_new_tokens=max_new_tokens, seed=seed, stop=stop)
+        return [_cut_at_stop(text, stop) for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 class OpenAIGenerator:
@@ -126,9 +142,6 @@ class VLLMGenerator:
     """vLLM's offline engine (`pip install vllm`, a CUDA GPU) on a plain local checkpoint."""
 
     def __init__(self, model_path: str, *, temperature: float, top_p: float, chat_template: bool, seed: int):
-        import json
-        from pathlib import Path
-
         from alignflow.core.io import InputError
 
         try:
@@ -145,7 +158,8 @@ class VLLMGenerator:
         self.tokenizer = self.llm.get_tokenizer()
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": "vllm", "model": self.model_path, "chat_template": self.chat_template}
+        return {"backend": "vllm", "engine": f"vllm {self.vllm.__version__}", "model": self.model_path,
+                "chat_template": self.chat_template}
 
     def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
         texts = [self.tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
@@ -157,19 +171,189 @@ class VLLMGenerator:
         return [_cut_at_stop(o.outputs[0].text, stop) for o in outputs]
 
 
+class OnnxGenerator:
+    """ONNX Runtime GenAI on the CPU: the checkpoint exported (once per distinct weights) at `precision`
+    (int4 / int8: weight-only quantized MatMuls with int8 activations; fp32: the weights as they are)."""
+
+    def __init__(self, model_path: str, *, precision: str, temperature: float, top_p: float, batch_size: int,
+                 chat_template: bool, model: Any = None):
+        import onnxruntime_genai as og
+
+        from alignflow.core.models import Source, load_for_inference, load_tokenizer
+
+        self.model_path, self.precision, self.temperature, self.top_p = model_path, precision, temperature, top_p
+        self.batch_size, self.chat_template = batch_size, chat_template
+        self.tokenizer = load_tokenizer(Source(model_path))
+        self.og = og
+        if model is None:
+            model = load_for_inference(model_path, dtype="float32")
+        self.engine = og.Model(str(onnx_export(model, self.tokenizer, precision)))
+        del model
+        self.pad_id = _pad_id(self.tokenizer)
+
+    def describe(self) -> dict[str, Any]:
+        import onnxruntime_genai as og
+
+        return {"backend": f"onnx-{self.precision}", "engine": f"onnxruntime-genai {og.__version__}",
+                "model": self.model_path, "chat_template": self.chat_template}
+
+    def _render(self, prompt: Prompt) -> str:
+        return TransformersGenerator._render(self, prompt)  # type: ignore[arg-type]
+
+    def generate_ids(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, min_new_tokens: int = 0,
+                     stop: list[str] | None = None) -> list[list[int]]:
+        import numpy as np
+
+        encoded = [self.tokenizer(self._render(p), add_special_tokens=not self.chat_template)["input_ids"] for p in prompts]
+        # batches of similar lengths (a batch is padded to its longest prompt); answers go back in prompt order
+        order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
+        outputs: list[list[int]] = [[] for _ in prompts]
+        batches = list(range(0, len(prompts), self.batch_size))
+        for number, start in enumerate(tqdm(batches, desc="generate", unit="batch", leave=False, disable=len(batches) < 2)):
+            members = order[start : start + self.batch_size]
+            rows = [encoded[i] for i in members]
+            width = max(map(len, rows))
+            # ORT GenAI reads a batch right-padded with the model's pad token (never a prompt's token; see onnx_export)
+            ids = np.full((len(rows), width), self.pad_id, dtype=np.int32)
+            for i, row in enumerate(rows):
+                ids[i, : len(row)] = row
+            params = self.og.GeneratorParams(self.engine)
+            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0,
+                        "random_seed": seed + number} if self.temperature > 0 else {"do_sample": False}
+            params.set_search_options(batch_size=len(rows), max_length=width + max_new_tokens,
+                                      min_length=width + min_new_tokens if min_new_tokens else 0, **sampling)
+            generator = self.og.Generator(self.engine, params)
+            generator.append_tokens(ids)
+            while not generator.is_done():
+                generator.generate_next_token()
+            for row, i in enumerate(members):  # a sequence is its padded prompt, then the new tokens
+                new = [int(t) for t in generator.get_sequence(row)[width : width + max_new_tokens]]
+                outputs[i] = _until_eos(new, self.tokenizer.eos_token_id, self.pad_id)
+        return outputs
+
+    def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
+        ids = self.generate_ids(prompts, max_new_tokens=max_new_tokens, seed=seed)
+        return [_cut_at_stop(text, stop) for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+ONNX_PRECISIONS = ("int4", "int8", "fp32")
+
+
+def _pad_id(tokenizer) -> int:
+    """A special token no rendered prompt contains, to pad with: ORT GenAI treats every pad token in a batch as
+    padding, and SmolLM2 pads with <|im_end|>, which ends each chat turn inside the prompt."""
+    for token in (tokenizer.unk_token, "<|endoftext|>", tokenizer.pad_token):
+        if token is not None and token != tokenizer.eos_token and token in tokenizer.get_vocab():
+            return tokenizer.convert_tokens_to_ids(token)
+    raise ValueError("the tokenizer has no special token to pad with besides its end of sequence; use backend transformers")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNFLOW_CACHE") or Path.home() / ".cache" / "alignflow")
+
+
+def onnx_export(model: Any, tokenizer: Any, precision: str) -> Path:
+    """The ORT GenAI export of `model` (a transformers model, adapters merged) at `precision`, from the cache when
+    these exact weights were exported before. The key hashes every weight tensor, the config, the precision and
+    the onnxruntime-genai version; the export is written to a temporary directory and renamed into place."""
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    import onnxruntime_genai as og
+
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(f"onnx precision must be one of {ONNX_PRECISIONS}, got {precision!r}")
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{og.__version__} {precision} {model.config.to_json_string()}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    target = cache_dir() / "onnx" / digest.hexdigest()
+    if (target / "genai_config.json").is_file():
+        log.info("ONNX export of %s (%s) from the cache: %s", model.config.name_or_path, precision, target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        source, built = Path(tmp) / "hf", Path(tmp) / "onnx"
+        model.save_pretrained(source)
+        tokenizer.save_pretrained(source)
+        log.info("exporting %s to ONNX (%s) with onnxruntime-genai %s's model builder", model.config.name_or_path, precision, og.__version__)
+        done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(built),
+                               "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache")], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"onnxruntime-genai's model builder failed:\n{done.stderr[-3000:]}")
+        config_path = built / "genai_config.json"
+        config = json.loads(config_path.read_text())
+        config["model"]["pad_token_id"] = _pad_id(tokenizer)
+        config_path.write_text(json.dumps(config, indent=2))
+        try:
+            os.replace(built, target)
+        except OSError:  # another process exported the same weights first: use theirs
+            shutil.rmtree(built, ignore_errors=True)
+    return target
+
+
 def _visible_gpus() -> int:
     import torch
 
     return max(1, torch.cuda.device_count())
 
 
+def resolve_backend(backend: str, model_path: str | None = None) -> str:
+    """`auto`: on a CUDA GPU `vllm` when vllm is installed and the checkpoint is a plain one (vLLM takes no adapter),
+    else `transformers` (bf16); on a CPU `onnx-fp32`: the same model transformers computes (the same greedy tokens),
+    faster (benchmarks/results/generation.json)."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "onnx-fp32"
+    info = Path(model_path or "") / "alignflow_model.json"
+    plain = not info.is_file() or json.loads(info.read_text())["kind"] == "full"
+    return "vllm" if plain and importlib.util.find_spec("vllm") is not None else "transformers"
+
+
 def local_generator(backend: str, model_path: str, *, temperature: float, top_p: float, batch_size: int,
-                    chat_template: bool, seed: int) -> "TransformersGenerator | VLLMGenerator":
-    """The generator for a local checkpoint: `transformers` (batched, any device) or `vllm` (offline engine)."""
+                    chat_template: bool, seed: int, model: Any = None) -> "TransformersGenerator | OnnxGenerator | VLLMGenerator":
+    """The generator for a local checkpoint: `auto` (see resolve_backend), `onnx-<precision>` (ONNX Runtime GenAI,
+    CPU), `transformers` (batched, any device; the fallback for checkpoints the ONNX export cannot take) or `vllm`
+    (offline engine, GPU). `model`: the checkpoint already loaded (by a stage that also scores with it), to export
+    without loading it again."""
+    backend = resolve_backend(backend, model_path)
     if backend == "vllm":
         return VLLMGenerator(model_path, temperature=temperature, top_p=top_p, chat_template=chat_template, seed=seed)
+    if backend.startswith("onnx-"):
+        if _mergeable(model_path):
+            return OnnxGenerator(model_path, precision=backend.removeprefix("onnx-"), temperature=temperature, top_p=top_p,
+                                 batch_size=batch_size, chat_template=chat_template, model=model)
+        log.warning("%s is a prefix / bottleneck adapter, which the ONNX export cannot merge: generating with transformers", model_path)
     return TransformersGenerator(model_path, temperature=temperature, top_p=top_p, batch_size=batch_size,
                                  chat_template=chat_template)
+
+
+def _mergeable(model_path: str) -> bool:
+    info = Path(model_path) / "alignflow_model.json"
+    if not info.is_file():
+        return True
+    kind = json.loads(info.read_text())
+    if kind["kind"] == "full":
+        return True
+    config = Path(model_path) / "adapter_config.json"
+    return kind["kind"] == "peft" and config.is_file() and json.loads(config.read_text()).get("peft_type") == "LORA"
+
+
+def _until_eos(tokens: list[int], *ends: int | None) -> list[int]:
+    """The new tokens up to (not including) the first end-of-sequence or padding token."""
+    for i, token in enumerate(tokens):
+        if token in ends:
+            return tokens[:i]
+    return tokens
 
 
 def _cut_at_stop(text: str, stop: list[str] | None) -> str:

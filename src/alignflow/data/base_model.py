@@ -22,7 +22,7 @@ from alignflow.core.params import Params
 log = logging.getLogger(__name__)
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     source = resolve_source(params.model)
     log.info("loading %s (gguf_file=%s)", source.name_or_path, source.gguf_file)
     tokenizer = load_tokenizer(source)
@@ -39,4 +39,4 @@ def run(params: Params) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         dump_json({**asdict(params.model), "architecture": type(model).__name__, "parameters": n_params}, tmp / "alignflow_source.json")
-    log.info("wrote %s", params.paths.base_model)
+    return f"wrote {params.paths.base_model}: {type(model).__name__}, {n_params:,} parameters, {model.dtype}"

@@ -74,7 +74,7 @@ def seeded_pool(seed_instructions: list[str], threshold: float) -> NearDuplicate
     return pool
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     p, paths = params.filter, params.paths
     records = [record for _, record in read_jsonl(paths.generated, RECORD_FIELDS)]
 
@@ -98,3 +98,4 @@ def run(params: Params) -> None:
     with atomic_path(paths.filtered) as tmp, atomic_path(Path(paths.metrics) / "filter.json") as tmp_metrics:
         dump_jsonl(kept, tmp)
         dump_json(metrics, tmp_metrics)
+    return f"wrote {paths.filtered}: kept {len(kept)} of {len(records)} instructions (dropped: {dict(dropped)})"

@@ -58,7 +58,7 @@ def split_of(instruction: str, seed: int, eval_fraction: float) -> str:
     return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else "train"
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     paths, fmt = params.paths, params.format
     tokenizer = load_tokenizer(Source(paths.base_model))
     if tokenizer.chat_template is None:
@@ -84,4 +84,4 @@ def run(params: Params) -> None:
         dump_jsonl(splits["train"], tmp_train)
         dump_jsonl(splits["eval"], tmp_eval)
         dump_json(metrics, tmp_metrics)
-    log.info("format: %s", metrics)
+    return f"wrote {paths.train} and {paths.eval}: {metrics}"

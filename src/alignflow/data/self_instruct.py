@@ -24,8 +24,6 @@ from __future__ import annotations
 import logging
 import random
 import re
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from tqdm import tqdm
 
 from alignflow.core import contracts
 from alignflow.core.generation import Generator, OpenAIGenerator, local_generator
-from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
+from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl
 from alignflow.core.params import Params, SelfInstructParams
 from alignflow.data.records import read_seed_tasks
 
@@ -178,9 +176,8 @@ def generate_instructions(gen: Generator, seeds: list[dict], si: SelfInstructPar
     return pool
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     si, paths = params.self_instruct, params.paths
-    started = time.perf_counter()
     seeds = read_seed_tasks(paths.seeds)
     contracts.validate("seed_tasks", seeds, paths.seeds)
     log.info("%d seed tasks from %s", len(seeds), paths.seeds)
@@ -225,4 +222,5 @@ def run(params: Params) -> None:
     with atomic_path(paths.generated) as tmp, atomic_path(Path(paths.metrics) / "self_instruct.json") as tmp_metrics:
         dump_jsonl(records, tmp)
         dump_json(metrics, tmp_metrics)
-    log.info("wrote %d instructions to %s in %.0f s: %s", len(records), paths.generated, time.perf_counter() - started, metrics)
+    log.info("metrics: %s", metrics)
+    return f"wrote {paths.generated}: {len(records)} instructions ({gen.describe()['backend']})"

@@ -185,7 +185,7 @@ def draw(summary: dict[str, Any], rewards: dict[str, list[float]], reference: st
     plt.close(fig)
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     cfg, paths = params.evaluate, params.paths
     loaded = {name: read_model(params, name) for name in cfg.models}
     reference_records = loaded[params.reference_model][0]
@@ -252,6 +252,6 @@ def run(params: Params) -> None:
         draw(summary, rewards, params.reference_model, tmp_folder)
         dump_jsonl(all_verdicts, tmp_verdicts)
         dump_json(result, tmp_metrics)
-    log.info("compare: %d models on %d prompts against %s (judge: %s); refusal detector accuracy %.3f (test split %s); "
-             "wrote %s", len(summary), len(ids), params.reference_model, result["judge"], result["refusal_detector"]["accuracy_all"],
-             result["refusal_detector"].get("accuracy_test"), ", ".join(names))
+    return (f"wrote {Path(paths.metrics) / 'evaluation.json'}: {len(summary)} models on {len(ids)} prompts against "
+            f"{params.reference_model} (judge: {result['judge']}); refusal detector accuracy "
+            f"{result['refusal_detector']['accuracy_all']:.3f}; plots {', '.join(names)}")

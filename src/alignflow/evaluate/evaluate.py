@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from alignflow.core import contracts
 from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
@@ -119,8 +120,8 @@ def refusal_rates(records: list[dict[str, Any]]) -> dict[str, Any]:
             "harmful_refusal_rate": by_category["harmful"]}
 
 
-def run(params: Params, model_name: str) -> None:
-    from alignflow.core.generation import TransformersGenerator, VLLMGenerator
+def run(params: Params, model_name: str) -> str | None:
+    from alignflow.core.generation import TransformersGenerator, VLLMGenerator, local_generator, resolve_backend
     from alignflow.core.models import load_for_inference
     from alignflow.core.reward import conversation_ids, load_reward_model, score
 
@@ -138,14 +139,18 @@ def run(params: Params, model_name: str) -> None:
     texts = [r["text"] for _, r in read_jsonl(paths.heldout_text, {"text": str})]
 
     messages = [[{"role": "user", "content": p["prompt"]}] for p in prompts]
-    if cfg.backend == "vllm":  # answers from vLLM's engine, freed before the scoring below loads the model again
+    backend = resolve_backend(cfg.backend, model_path)
+    if backend == "vllm":  # answers from vLLM's engine, freed before the scoring below loads the model again
         engine = VLLMGenerator(model_path, temperature=0.0, top_p=1.0, chat_template=True, seed=params.seed)
-        answers = engine.generate(messages, max_new_tokens=cfg.max_new_tokens, seed=params.seed)
+        answers, provenance = engine.generate(messages, max_new_tokens=cfg.max_new_tokens, seed=params.seed), engine.describe()
         del engine
     generator = TransformersGenerator(model_path, temperature=0.0, top_p=1.0, batch_size=cfg.batch_size, chat_template=True)
     model, tokenizer = generator.model, generator.tokenizer
-    if cfg.backend != "vllm":
-        answers = generator.generate(messages, max_new_tokens=cfg.max_new_tokens, seed=params.seed)
+    if backend != "vllm":  # onnx-*: exported from the model loaded above for scoring (no second load)
+        engine = local_generator(backend, model_path, temperature=0.0, top_p=1.0, batch_size=cfg.batch_size,
+                                 chat_template=True, seed=params.seed, model=model) if backend != "transformers" else generator
+        answers, provenance = engine.generate(messages, max_new_tokens=cfg.max_new_tokens, seed=params.seed), engine.describe()
+        del engine
     responses = [r.strip() for r in answers]
 
     reward_model, rm_tokenizer = load_reward_model(paths.reward_model, generator.device)
@@ -159,15 +164,17 @@ def run(params: Params, model_name: str) -> None:
             log.warning("%s and %s have different vocabularies: no KL", model_name, params.reference_model)
             reference = None
     records = []
-    for prompt, message, response, reward in zip(prompts, messages, responses, rewards):
+    for prompt, message, response, reward in tqdm(list(zip(prompts, messages, responses, rewards)), desc="KL", unit="prompt",
+                                                  disable=reference is None):
         prompt_ids = tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=False)
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         kl = response_kl(model, reference, list(prompt_ids), response_ids) if reference is not None else 0.0
         records.append({**prompt, "model": model_name, "response": response, "reward": reward,
-                        "refused": is_refusal(response), "kl_to_reference": kl, "response_tokens": len(response_ids)})
+                        "refused": is_refusal(response), "kl_to_reference": kl, "response_tokens": len(response_ids),
+                        "generator": provenance})
 
     metrics = {
-        "model": model_name, "checkpoint": model_path, "prompts": len(records), "prompts_left_out_as_seen": dropped,
+        "model": model_name, "checkpoint": model_path, "generator": provenance, "prompts": len(records), "prompts_left_out_as_seen": dropped,
         "reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
         **refusal_rates(records),
         "perplexity": perplexity(model, tokenizer, texts),
@@ -181,7 +188,8 @@ def run(params: Params, model_name: str) -> None:
     with atomic_path(out) as tmp, atomic_path(Path(paths.metrics) / "evaluate" / f"{model_name}.json") as tmp_metrics:
         dump_jsonl(records, tmp)
         dump_json(metrics, tmp_metrics)
-    log.info("%s: reward %.3f +- %.3f, harmful refused %.2f, benign refused %.2f, perplexity %.2f, KL to %s %s, %.1f tokens",
-             model_name, metrics["reward_mean"], metrics["reward_std"], metrics["harmful_refusal_rate"],
-             metrics["over_refusal_rate"], metrics["perplexity"], params.reference_model,
-             "n/a" if metrics["kl_to_reference"] is None else f"{metrics['kl_to_reference']:.3f}", metrics["response_tokens_mean"])
+    kl = "n/a" if metrics["kl_to_reference"] is None else f"{metrics['kl_to_reference']:.3f}"
+    return (f"wrote {out}: reward {metrics['reward_mean']:.3f} +- {metrics['reward_std']:.3f}, harmful refused "
+            f"{metrics['harmful_refusal_rate']:.2f}, benign refused {metrics['over_refusal_rate']:.2f}, perplexity "
+            f"{metrics['perplexity']:.2f}, KL to {params.reference_model} {kl}, {metrics['response_tokens_mean']:.1f} tokens "
+            f"({provenance['backend']})")

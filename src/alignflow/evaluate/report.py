@@ -172,7 +172,7 @@ def examples_section(params: Params, models: list[str], count: int) -> list[str]
     return lines
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     paths, cfg = params.paths, params.evaluate
     summary_file = Path(paths.metrics) / "evaluation.json"
     if not summary_file.is_file():
@@ -209,4 +209,4 @@ def run(params: Params) -> None:
     ]
     with atomic_path(report) as tmp:
         tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-    log.info("wrote %s: %d models", report, len(result["models"]))
+    return f"wrote {report}: {len(result['models'])} models"

@@ -189,7 +189,7 @@ def judge_preferences(keys, by_pid, cfg: PreferencesParams, paths: PathParams, s
 JUDGES = {"ai": by_ai, "rules": by_rules, "constitution": by_constitution, "human": by_human}
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     cfg, paths = params.preferences, params.paths
     samples = read_samples(paths.samples)
     empty = sum(not r["text"].strip() for s in samples for r in s["responses"])
@@ -218,6 +218,6 @@ def run(params: Params) -> None:
         dump_jsonl(unique, tmp_pairs)
         dump_jsonl(judgements, tmp_judgements)
         dump_json(metrics, tmp_metrics)
-    log.info("%s judge: %d pairs (%d train / %d eval) from %d prompts; %s", cfg.judge, len(unique),
-             split_counts["train"], split_counts["eval"], len(samples),
-             ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in judge_metrics.items()))
+    return (f"wrote {paths.pairs}: {cfg.judge} judge, {len(unique)} pairs ({split_counts['train']} train / "
+            f"{split_counts['eval']} eval) from {len(samples)} prompts; "
+            + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in judge_metrics.items()))

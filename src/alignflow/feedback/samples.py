@@ -72,7 +72,7 @@ def response_id(pid: str, text: str) -> str:
     return hashlib.sha256(f"{pid}\x00{text}".encode()).hexdigest()[:12]
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     from alignflow.core.generation import local_generator
 
     cfg, paths = params.samples, params.paths
@@ -110,5 +110,5 @@ def run(params: Params) -> None:
     with atomic_path(paths.samples) as tmp, atomic_path(Path(paths.metrics) / "samples.json") as tmp_metrics:
         dump_jsonl(records, tmp)
         dump_json(metrics, tmp_metrics)
-    log.info("sampled %d responses for %d prompts from %s in %.0f s (%.1f tokens/s; %d duplicates dropped)",
-             len(texts), len(records), paths.sft_model, wall, sum(tokens) / wall, duplicates)
+    return (f"wrote {paths.samples}: {len(texts)} responses for {len(records)} prompts from {paths.sft_model} "
+            f"({generator.describe()['backend']}, {sum(tokens) / wall:.1f} tokens/s; {duplicates} duplicates dropped)")

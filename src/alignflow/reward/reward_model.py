@@ -107,7 +107,7 @@ def make_trainer(params: Params, run: TrainingRun, model, tokenizer, train_rows,
     )
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     cfg, paths = params.reward_model, params.paths
     tokenizer = chat_tokenizer(paths.sft_model)
     train_rows, eval_rows, dropped = load_pairs(paths.pairs, tokenizer, cfg.max_length)
@@ -148,9 +148,9 @@ def run(params: Params) -> None:
         dump_json([{"pair": i, "chosen": c, "rejected": r} for i, (c, r) in enumerate(zip(eval_chosen, eval_rejected))], tmp_rewards)
         plot_distributions(eval_chosen, eval_rejected, tmp_png)
     run.finish()
-    log.info("reward model: held-out accuracy %.3f (before training %.3f; longer-response baseline %.3f, random %.3f), "
-             "mean margin %.3f, %.0f s", held_out["accuracy"], before["accuracy"], held_out["baseline_longer_accuracy"],
-             held_out["baseline_random_accuracy"], held_out["mean_margin"], run.wall)
+    return (f"wrote {paths.reward_model}: held-out accuracy {before['accuracy']:.3f} -> {held_out['accuracy']:.3f} on "
+            f"{len(eval_chosen)} pairs (longer-response baseline {held_out['baseline_longer_accuracy']:.3f}, random "
+            f"{held_out['baseline_random_accuracy']:.3f}), mean margin {held_out['mean_margin']:.3f}")
 
 
 def accelerate_section() -> str:

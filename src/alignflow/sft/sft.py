@@ -154,7 +154,7 @@ def save_checkpoint(sft: SftParams, model, tokenizer, out: Path, base_path: str)
     return kind
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     sft, paths = params.sft, params.paths
     if sft.lora_merge and sft.method != "lora":
         raise InputError(f"params.yaml: sft.lora_merge: only for method 'lora' (method is {sft.method!r})")
@@ -197,8 +197,8 @@ def run(params: Params) -> None:
         kind = save_checkpoint(sft, trainer.model, tokenizer, tmp, paths.base_model)
         dump_json(metrics, tmp_metrics)
     run.finish()
-    log.info("wrote %s (%s): eval loss %.4f, perplexity %.2f, %.0f tokens/s, %.0f s",
-             paths.sft_model, kind, metrics["eval_loss"], metrics["eval_perplexity"], metrics["tokens_per_second"], run.wall)
+    return (f"wrote {paths.sft_model} ({kind}): held-out loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}, "
+            f"perplexity {metrics['eval_perplexity']:.2f}, {metrics['tokens_per_second']:.0f} tokens/s")
 
 
 def accelerate_section() -> str:

@@ -51,7 +51,7 @@ def ppo_config(params: Params) -> PPOConfig:
         raise InputError(f"params.yaml: {err}") from None
 
 
-def run(params: Params) -> None:
+def run(params: Params) -> str | None:
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
@@ -148,4 +148,4 @@ def run(params: Params) -> None:
         # policy + reference (0 extra with LoRA) + reward model + value model
         "model_copies": (3 if cfg.method == "lora" else 4),
     })
-    log.info("ppo: held-out reward %.3f -> %.3f in %d iterations (%.0f s)", before, after, cfg.iterations, run.wall)
+    return f"wrote {Path(params.paths.aligned) / 'ppo'}: held-out reward {before:.3f} -> {after:.3f} in {cfg.iterations} iterations"

@@ -1,0 +1,133 @@
+"""Benchmark SFT on skewed lengths: padded batches against padding-free batches (TRL), real tokens/s, in one run.
+
+Run from the repository root (after `bash setup.sh` and `dvc repro base_model`):
+
+    python benchmarks/bench_sft_padding.py --json benchmarks/results/sft_padding.json
+    python benchmarks/bench_sft_padding.py --steps 4 --batch-size 4          # quicker
+
+The data: the 175 Self-Instruct seed tasks as prompt / completion pairs whose completions are stretched to skewed
+lengths (log-normal, median `--median-tokens`, a long tail cut at `--max-tokens`): the shape of real SFT data, where
+a few long answers set the padded length of every batch they land in. Both modes train the same LoRA (the sft
+stage's default) on the same examples in the same order (`--steps` steps of `--batch-size`), each in a child process
+of its own (peak RSS is its own):
+- `padded`: TRL's default collator, every batch padded to its longest example;
+- `padding_free`: TRL's `padding_free=True`: a batch is one row of its examples back to back, with position ids
+  restarting at each example, which transformers turns into a block-diagonal causal mask (no example sees another).
+Real tokens/s counts prompt + completion tokens (never padding) over the training time. The first step's loss of
+the two modes must agree (the same maths on the same batch), and the run says whether it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
+MODES = ("padded", "padding_free")
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def examples(tokenizer, n: int, median: int, cap: int, seed: int) -> list[dict]:
+    """Prompt / completion pairs from the seed tasks, completions stretched to log-normal token lengths."""
+    tasks = [json.loads(line) for line in SEEDS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        answer = " ".join(inst["output"] for inst in task["instances"]) or task["instruction"]
+        target = min(cap, max(4, int(rng.lognormvariate(math.log(median), 1.0))))
+        words = answer.split() or ["ok"]
+        text = " ".join(words[j % len(words)] for j in range(target))  # about one token per word or more
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:target]
+        rows.append({"prompt": [{"role": "user", "content": task["instruction"]}],
+                     "completion": [{"role": "assistant", "content": tokenizer.decode(ids)}]})
+    return rows
+
+
+def child(args: argparse.Namespace) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    rows = examples(tokenizer, args.steps * args.batch_size, args.median_tokens, args.max_tokens, args.seed)
+    lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)) for r in rows]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    config = SFTConfig(output_dir=str(Path(args.scratch) / args.mode), per_device_train_batch_size=args.batch_size,
+                       max_steps=args.steps, learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none",
+                       seed=args.seed, completion_only_loss=True, padding_free=args.mode == "padding_free",
+                       max_length=None if args.mode == "padding_free" else args.max_tokens + 256,
+                       disable_tqdm=True, use_cpu=True)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"mode": args.mode, "steps": args.steps, "batch_size": args.batch_size, "examples": len(rows),
+            "real_tokens": sum(lengths), "longest": max(lengths), "median": sorted(lengths)[len(lengths) // 2],
+            "seconds": round(seconds, 2), "real_tokens_per_s": round(sum(lengths) / seconds, 1),
+            "first_loss": losses[0], "losses": losses, "peak_rss_mib": round(peak_rss_mib(), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "models" / "base"))
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--median-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=448)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", default="/tmp/bench-sft-padding", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(child(args)))
+        return
+    if not Path(args.model).is_dir():
+        sys.exit(f"{args.model}: no such checkpoint directory; run `dvc repro base_model` first, or pass --model")
+    rows = []
+    for mode in MODES:
+        cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--median-tokens", str(args.median_tokens),
+               "--max-tokens", str(args.max_tokens), "--seed", str(args.seed), "--scratch", args.scratch]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        if done.returncode != 0:
+            sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    padded, free = rows
+    speedup = free["real_tokens_per_s"] / padded["real_tokens_per_s"]
+    same_loss = math.isclose(padded["first_loss"], free["first_loss"], rel_tol=1e-3)
+    print(f"\nreal tokens/s: padded {padded['real_tokens_per_s']}, padding-free {free['real_tokens_per_s']} "
+          f"({speedup:.2f}x); first-step loss {padded['first_loss']:.5f} vs {free['first_loss']:.5f} "
+          f"({'the same' if same_loss else 'DIFFERENT'}); peak RSS {padded['peak_rss_mib']} vs {free['peak_rss_mib']} MiB")
+    if args.json:
+        result = {"command": " ".join(["python", "benchmarks/bench_sft_padding.py", *sys.argv[1:]]),
+                  "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "processor": platform.processor()},
+                  "speedup_real_tokens_per_s": round(speedup, 2), "first_step_loss_agrees": same_loss, "results": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
