@@ -8,8 +8,8 @@ Run from the repository root (after `bash setup.sh` and `dvc repro base_model`):
 The data: the 175 Self-Instruct seed tasks as prompt / completion pairs whose completions are stretched to skewed
 lengths (log-normal, median `--median-tokens`, a long tail cut at `--max-tokens`): the shape of real SFT data, where
 a few long answers set the padded length of every batch they land in. Both modes train the same LoRA (the sft
-stage's default) on the same examples in the same order (`--steps` steps of `--batch-size`), each in a child process
-of its own (peak RSS is its own):
+stage's default) on the same examples in the same order (`--steps` steps of `--batch-size`: forward, backward and
+AdamW, the part of a Trainer step that padding changes), each in a child process of its own (peak RSS is its own):
 - `padded`: TRL's default collator, every batch padded to its longest example;
 - `padding_free`: TRL's `padding_free=True`: a batch is one row of its examples back to back, with position ids
   restarting at each example, which transformers turns into a block-diagonal causal mask (no example sees another).
@@ -59,32 +59,57 @@ def examples(tokenizer, n: int, median: int, cap: int, seed: int) -> list[dict]:
     return rows
 
 
-def child(args: argparse.Namespace) -> dict:
+def block_causal_mask(position_ids):
+    """(1, 1, L, L) boolean mask of a padding-free row: causal within each example (its positions restart at 0),
+    nothing across examples. sdpa and eager attention take it as is; FlashAttention reads the position ids instead."""
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig
+
+    example = (position_ids[0] == 0).cumsum(0)
+    same = example[:, None] == example[None, :]
+    causal = torch.ones(len(example), len(example), dtype=torch.bool).tril()
+    return (same & causal)[None, None]
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One mode: the batches built by TRL's collator (padded, or padding-free), then `--steps` LoRA training steps
+    (forward, backward, AdamW) of the sft stage's default method, timed."""
+    import torch
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     rows = examples(tokenizer, args.steps * args.batch_size, args.median_tokens, args.max_tokens, args.seed)
-    lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)) for r in rows]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    config = SFTConfig(output_dir=str(Path(args.scratch) / args.mode), per_device_train_batch_size=args.batch_size,
-                       max_steps=args.steps, learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to="none",
-                       seed=args.seed, completion_only_loss=True, padding_free=args.mode == "padding_free",
-                       max_length=None if args.mode == "padding_free" else args.max_tokens + 256,
-                       disable_tqdm=True, use_cpu=True)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    start = time.perf_counter()
-    trainer.train()
+    features = []
+    for row in rows:  # the loss is on the completion only, as in the sft stage
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
+        full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
+        features.append({"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt):]})
+    collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=args.mode == "padding_free")
+    keys = ("input_ids", "labels", "position_ids") if args.mode == "padding_free" else ("input_ids", "labels", "attention_mask")
+    batches = [{k: v for k, v in collate(features[i:i + args.batch_size]).items() if k in keys}
+               for i in range(0, len(features), args.batch_size)]
+    if args.mode == "padding_free":  # without FlashAttention, the examples' boundaries go in as a block mask
+        for batch in batches:
+            batch["attention_mask"] = block_causal_mask(batch["position_ids"])
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+    losses, start = [], time.perf_counter()
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
     seconds = time.perf_counter() - start
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"mode": args.mode, "steps": args.steps, "batch_size": args.batch_size, "examples": len(rows),
-            "real_tokens": sum(lengths), "longest": max(lengths), "median": sorted(lengths)[len(lengths) // 2],
-            "seconds": round(seconds, 2), "real_tokens_per_s": round(sum(lengths) / seconds, 1),
+    real = sum(len(f["input_ids"]) for f in features)
+    processed = sum(b["input_ids"].numel() for b in batches)
+    return {"mode": args.mode, "steps": len(batches), "batch_size": args.batch_size, "examples": len(features),
+            "real_tokens": real, "tokens_through_the_model": processed, "longest": max(len(f["input_ids"]) for f in features),
+            "seconds": round(seconds, 2), "real_tokens_per_s": round(real / seconds, 1),
             "first_loss": losses[0], "losses": losses, "peak_rss_mib": round(peak_rss_mib(), 1)}
 
 
@@ -93,12 +118,11 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "models" / "base"))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--median-tokens", type=int, default=48)
-    parser.add_argument("--max-tokens", type=int, default=448)
+    parser.add_argument("--median-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=320)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
-    parser.add_argument("--scratch", default="/tmp/bench-sft-padding", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(child(args)))
@@ -109,7 +133,7 @@ def main() -> None:
     for mode in MODES:
         cmd = [sys.executable, __file__, "--mode", mode, "--model", args.model, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--median-tokens", str(args.median_tokens),
-               "--max-tokens", str(args.max_tokens), "--seed", str(args.seed), "--scratch", args.scratch]
+               "--max-tokens", str(args.max_tokens), "--seed", str(args.seed)]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
         if done.returncode != 0:
             sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
