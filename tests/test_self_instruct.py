@@ -91,7 +91,8 @@ def _run_stage(tmp_path, params_dict):
     return [json.loads(line) for line in (tmp_path / params.paths.generated).read_text().splitlines()]
 
 
-def test_transformers_backend_on_tiny_model_with_provenance(workdir, tiny_model_dir):
+def test_default_backend_on_tiny_model_with_provenance(workdir, tiny_model_dir):
+    """backend auto: ONNX Runtime GenAI at fp32 on this CPU, named with its version in every record's provenance."""
     params = tiny_params(tiny_model_dir, self_instruct__num_instructions=20)
     params["paths"]["seeds"] = str(SHARED_SEEDS)
     records = _run_stage(workdir, params)
@@ -99,7 +100,8 @@ def test_transformers_backend_on_tiny_model_with_provenance(workdir, tiny_model_
     seed_ids = {t["id"] for t in read_seed_tasks(SHARED_SEEDS)}
     for r in records:
         prov = r["provenance"]
-        assert len(prov["prompt_examples"]) == 8 and prov["generator"]["backend"] == "transformers"
+        assert len(prov["prompt_examples"]) == 8 and prov["generator"]["backend"] == "onnx-fp32"
+        assert prov["generator"]["engine"].startswith("onnxruntime-genai ")
         # after the first round, 2 of the 8 examples come from the machine pool
         machine = [e for e in prov["prompt_examples"] if e not in seed_ids]
         assert len(machine) == (0 if prov["round"] == 0 else 2), prov

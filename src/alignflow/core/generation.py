@@ -182,7 +182,7 @@ class OnnxGenerator:
         from alignflow.core.models import Source, load_for_inference, load_tokenizer
 
         self.model_path, self.precision, self.temperature, self.top_p = model_path, precision, temperature, top_p
-        self.batch_size, self.chat_template = batch_size, chat_template
+        self.batch_size, self.chat_template = min(batch_size, MAX_ONNX_BATCH), chat_template
         self.tokenizer = load_tokenizer(Source(model_path))
         self.og = og
         if model is None:
@@ -237,6 +237,7 @@ class OnnxGenerator:
 
 
 ONNX_PRECISIONS = ("int4", "int8", "fp32")
+MAX_ONNX_BATCH = 32  # onnxruntime-genai 0.18's generator takes at most 32 sequences at once
 
 
 def _pad_id(tokenizer) -> int:
