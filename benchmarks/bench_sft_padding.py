@@ -12,7 +12,8 @@ stage's default) on the same examples in the same order (`--steps` steps of `--b
 AdamW, the part of a Trainer step that padding changes), each in a child process of its own (peak RSS is its own):
 - `padded`: TRL's default collator, every batch padded to its longest example;
 - `padding_free`: TRL's `padding_free=True`: a batch is one row of its examples back to back, with position ids
-  restarting at each example, which transformers turns into a block-diagonal causal mask (no example sees another).
+  restarting at each example, which transformers turns into a block-diagonal causal mask (no example sees another)
+  when the model is called without a KV cache, as TRL calls it.
 Real tokens/s counts prompt + completion tokens (never padding) over the training time. The first step's loss of
 the two modes must agree (the same maths on the same batch), and the run says whether it did.
 """
@@ -59,17 +60,6 @@ def examples(tokenizer, n: int, median: int, cap: int, seed: int) -> list[dict]:
     return rows
 
 
-def block_causal_mask(position_ids):
-    """(1, 1, L, L) boolean mask of a padding-free row: causal within each example (its positions restart at 0),
-    nothing across examples. sdpa and eager attention take it as is; FlashAttention reads the position ids instead."""
-    import torch
-
-    example = (position_ids[0] == 0).cumsum(0)
-    same = example[:, None] == example[None, :]
-    causal = torch.ones(len(example), len(example), dtype=torch.bool).tril()
-    return (same & causal)[None, None]
-
-
 def child(args: argparse.Namespace) -> dict:
     """One mode: the batches built by TRL's collator (padded, or padding-free), then `--steps` LoRA training steps
     (forward, backward, AdamW) of the sft stage's default method, timed."""
@@ -90,16 +80,14 @@ def child(args: argparse.Namespace) -> dict:
     keys = ("input_ids", "labels", "position_ids") if args.mode == "padding_free" else ("input_ids", "labels", "attention_mask")
     batches = [{k: v for k, v in collate(features[i:i + args.batch_size]).items() if k in keys}
                for i in range(0, len(features), args.batch_size)]
-    if args.mode == "padding_free":  # without FlashAttention, the examples' boundaries go in as a block mask
-        for batch in batches:
-            batch["attention_mask"] = block_causal_mask(batch["position_ids"])
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     model.train()
     losses, start = [], time.perf_counter()
     for batch in batches:
-        loss = model(**batch).loss
+        loss = model(**batch, use_cache=False).loss  # as TRL calls it: without a cache, transformers finds the
+        # examples' boundaries in a padding-free row's position ids and masks across them (with a cache it would not)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -70,28 +70,6 @@ PROMPTS = ["Write a poem about the sea.", "Hi", "What is two plus two? Explain i
 
 
 @pytest.fixture(scope="module")
-def lively_model_dir(tmp_path_factory) -> Path:
-    """The tiny Llama with large random weights, so that greedy answers differ from prompt to prompt (the default
-    initialisation answers every prompt with one repeated token, which any engine would match)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from alignflow.core.models import load_tokenizer, resolve_source
-    from alignflow.core.params import ModelParams
-
-    tokenizer = load_tokenizer(resolve_source(ModelParams("embedded:smollm2", None, None, False, "auto")))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.5,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("lively-llama")
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def lora_on_lively(lively_model_dir, tmp_path_factory) -> Path:
     """A LoRA adapter on that model, written as a training stage writes one (alignflow_model.json names its base)."""
     import torch

@@ -127,3 +127,44 @@ def test_large_beta_keeps_the_policy_near_the_reference():
     held = train(tiny_trainer(kl_coef=1.0), 10)
     assert all(abs(h["kl"]) < 1.5 for h in held), [round(h["kl"], 2) for h in held]
     assert free[-1]["kl"] > 4 and free[-1]["reward"] > held[-1]["reward"] + 1
+
+
+def test_engine_rollouts_are_scored_with_the_training_models_logprobs(lively_model_dir):
+    """ppo.rollout_backend onnx-fp32: the responses in the rollout are the engine's samples (an export of the policy's
+    current weights, LoRA merged into a copy), each through its EOS, and their log-probs are the training model's on
+    exactly those tokens; the reference's are the adapter disabled. The training model is left unmerged."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignflow.align.ppo.ppo import engine_sampler
+
+    tokenizer = AutoTokenizer.from_pretrained(lively_model_dir)
+    torch.manual_seed(0)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(lively_model_dir),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    value = AutoModelForSequenceClassification.from_pretrained(lively_model_dir, num_labels=1)
+    engine = engine_sampler("onnx-fp32", str(lively_model_dir), temperature=1.0, max_new_tokens=10, batch_size=4)
+    sampled = []
+
+    def spy(model, prompts):
+        sampled.append(engine(model, prompts))
+        return sampled[-1]
+
+    cfg = PPOConfig(batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=10, temperature=1.0, seed=0)
+    trainer = PPOTrainer(cfg, policy, value, lambda p, r: torch.zeros(len(r)), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, sampler=spy)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                             return_dict=False) for q in ("Hi", "Name a colour.", "Why is the sea blue?", "2+2?")]
+    ro = trainer.rollout(prompts)
+    width = ro.sequences.shape[1] - ro.mask.shape[1]
+    responses = [row[width:][mask.bool()].tolist() for row, mask in zip(ro.sequences, ro.mask)]
+    assert responses == sampled[0] and any(len(r) > 1 for r in responses)
+    assert all(r[-1] == tokenizer.eos_token_id or len(r) == 10 for r in responses)
+    with torch.no_grad():
+        logprobs = trainer._token_logprobs(policy, ro.sequences, ro.attention, width)[0] * ro.mask
+        with policy.disable_adapter():
+            reference = trainer._token_logprobs(policy, ro.sequences, ro.attention, width)[0] * ro.mask
+    torch.testing.assert_close(ro.logprobs, logprobs)
+    torch.testing.assert_close(ro.ref_logprobs, reference)
+    assert (ro.logprobs - ro.ref_logprobs).abs().sum() > 0  # the adapter is live in the training model
+    assert hasattr(policy, "disable_adapter") and any("lora_A" in n for n, _ in policy.named_parameters())

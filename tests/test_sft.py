@@ -167,3 +167,36 @@ def test_empty_train_split_and_missing_chat_template(sft_dir, tiny_model_dir):
     with pytest.raises(InputError, match="no chat template"):
         sft.run(params)
     assert not (sft_dir / "models" / "sft").exists()
+
+
+def test_padding_free_batches_give_the_padded_loss(lively_model_dir, tmp_path):
+    """The sft stage's padding-free batches (TRL: the examples back to back in one row, position ids restarting at
+    each) give the held-out loss that padded batches give, on a CPU with sdpa attention; and the check is not empty:
+    the same row read as one sequence (each example attending to the ones before it) gives another loss."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from alignflow.sft.sft_trainer import AlignflowSFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(lively_model_dir)
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Question {i}: " + "why " * (3 * i)}],
+                               "completion": [{"role": "assistant", "content": "because " * (1 + 5 * (i % 3))}]}
+                              for i in range(6)])
+
+    def trainer(padding_free: bool) -> AlignflowSFTTrainer:
+        config = SFTConfig(output_dir=str(tmp_path / str(padding_free)), per_device_eval_batch_size=3, report_to="none",
+                           use_cpu=True, completion_only_loss=True, padding_free=padding_free,
+                           max_length=None if padding_free else 512, activation_checkpointing=False)
+        return AlignflowSFTTrainer(model=AutoModelForCausalLM.from_pretrained(lively_model_dir), args=config,
+                                   train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)
+
+    padded, free = trainer(False).evaluate()["eval_loss"], trainer(True)
+    assert free.evaluate()["eval_loss"] == pytest.approx(padded, rel=1e-5)
+    batch = free.data_collator([free.eval_dataset[i] for i in range(3)])
+    assert batch["input_ids"].shape[0] == 1 and (batch["position_ids"] == 0).sum() == 3  # one row, three examples
+    with torch.no_grad():
+        one_sequence = free.model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.item()
+        separated = free.model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                               use_cache=False).loss.item()
+    assert abs(one_sequence - separated) > 1e-3

@@ -202,13 +202,26 @@ class OnnxGenerator:
 
     def generate_ids(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, min_new_tokens: int = 0,
                      stop: list[str] | None = None) -> list[list[int]]:
+        encoded = [self.tokenizer(self._render(p), add_special_tokens=not self.chat_template)["input_ids"] for p in prompts]
+        raw = self._run(encoded, max_new_tokens, seed, min_new_tokens)
+        return [_until_eos(new, self.tokenizer.eos_token_id, self.pad_id) for new in raw]
+
+    def sample_ids(self, prompt_ids: list[list[int]], *, max_new_tokens: int, seed: int) -> list[list[int]]:
+        """New tokens for prompts already tokenised, each up to and including its end-of-sequence token (where a
+        policy's action ends), as an RL rollout takes them."""
+        eos, out = self.tokenizer.eos_token_id, []
+        for new in self._run(prompt_ids, max_new_tokens, seed, 0):
+            kept = _until_eos(new, eos, self.pad_id)
+            out.append(kept + [eos] if len(kept) < len(new) and new[len(kept)] == eos else kept)
+        return out
+
+    def _run(self, encoded: list[list[int]], max_new_tokens: int, seed: int, min_new_tokens: int) -> list[list[int]]:
         import numpy as np
 
-        encoded = [self.tokenizer(self._render(p), add_special_tokens=not self.chat_template)["input_ids"] for p in prompts]
         # batches of similar lengths (a batch is padded to its longest prompt); answers go back in prompt order
-        order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
-        outputs: list[list[int]] = [[] for _ in prompts]
-        batches = list(range(0, len(prompts), self.batch_size))
+        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+        outputs: list[list[int]] = [[] for _ in encoded]
+        batches = list(range(0, len(encoded), self.batch_size))
         for number, start in enumerate(tqdm(batches, desc="generate", unit="batch", leave=False, disable=len(batches) < 2)):
             members = order[start : start + self.batch_size]
             rows = [encoded[i] for i in members]
@@ -227,8 +240,7 @@ class OnnxGenerator:
             while not generator.is_done():
                 generator.generate_next_token()
             for row, i in enumerate(members):  # a sequence is its padded prompt, then the new tokens
-                new = [int(t) for t in generator.get_sequence(row)[width : width + max_new_tokens]]
-                outputs[i] = _until_eos(new, self.tokenizer.eos_token_id, self.pad_id)
+                outputs[i] = [int(t) for t in generator.get_sequence(row)[width : width + max_new_tokens]]
         return outputs
 
     def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:

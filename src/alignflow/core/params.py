@@ -138,6 +138,7 @@ class TrainingParams(LoraParams):
 
 @dataclass(frozen=True)
 class SftParams(TrainingParams):
+    padding_free: bool
     l2_to_pretrained: float
     lora_merge: bool
     prefix_virtual_tokens: int
@@ -215,6 +216,7 @@ class PpoParams(LoraParams):
     stop_kl: float | None
     whiten_advantages: bool
     save_every: int
+    rollout_backend: str
 
 
 @dataclass(frozen=True)

@@ -109,13 +109,33 @@ def make_trainer(params: Params, run: TrainingRun, model, tokenizer, train_rows,
     from alignflow.sft.sft_trainer import AlignflowSFTTrainer
 
     sft = params.sft
-    config = SFTConfig(**run.arguments(sft, max_length=sft.max_length, completion_only_loss=True))
+    # padding-free (TRL): a batch is one row of its examples back to back; TRL calls the model without a cache, so
+    # transformers reads the examples' boundaries from the restarting position ids and masks across them (also with
+    # sdpa on a CPU). TRL leaves truncation to us then (max_length must be None): longer examples are dropped before
+    padding_free = padding_free_for(sft)
+    length = {"max_length": None} if padding_free else {"max_length": sft.max_length}
+    config = SFTConfig(**run.arguments(sft, completion_only_loss=True, padding_free=padding_free, **length))
     return AlignflowSFTTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows),
         processing_class=tokenizer, callbacks=run.callbacks(),
         l2_to_pretrained=sft.l2_to_pretrained if sft.method == "full" else 0.0,
         plain_forward=sft.method == "prefix",
     )
+
+
+def padding_free_for(sft: SftParams) -> bool:
+    """Padding-free batches, unless the method is prefix tuning (its virtual tokens are prepended per row)."""
+    return sft.padding_free and sft.method != "prefix"
+
+
+def drop_too_long(rows: list[dict[str, Any]], tokenizer, max_length: int, split: str) -> list[dict[str, Any]]:
+    """The examples whose chat rendering fits in max_length tokens (padding-free batches are not truncated)."""
+    kept = [r for r in rows
+            if len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)) <= max_length]
+    if len(kept) < len(rows):
+        log.warning("%s: %d of %d examples are longer than sft.max_length=%d tokens and are left out",
+                    split, len(rows) - len(kept), len(rows), max_length)
+    return kept
 
 
 # --- save_checkpoint ---
@@ -160,6 +180,12 @@ def run(params: Params) -> str | None:
         raise InputError(f"params.yaml: sft.lora_merge: only for method 'lora' (method is {sft.method!r})")
     tokenizer = chat_tokenizer(paths.base_model)
     train_rows, eval_rows = load_split(paths.train), load_split(paths.eval)
+    examples = len(train_rows), len(eval_rows)
+    if padding_free_for(sft):
+        train_rows = drop_too_long(train_rows, tokenizer, sft.max_length, paths.train)
+        eval_rows = drop_too_long(eval_rows, tokenizer, sft.max_length, paths.eval)
+        if not train_rows or not eval_rows:
+            raise InputError(f"every example of a split is longer than sft.max_length={sft.max_length} tokens")
 
     run = TrainingRun(params, "sft", [paths.train, paths.eval, paths.base_model])
     model = build_model(sft, paths.base_model, run.device, run.dtype)
@@ -184,7 +210,8 @@ def run(params: Params) -> str | None:
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * sft.epochs
     tokens *= 1 - run.checkpoints.resumed_from_step / max(trainer.state.global_step, 1)  # those trained in this call
     metrics = {
-        "method": sft.method, "train_loss": train_loss,
+        "method": sft.method, "padding_free": padding_free_for(sft), "train_loss": train_loss,
+        "examples_too_long": (examples[0] - len(train_rows), examples[1] - len(eval_rows)),
         "eval_loss_before": eval_before, "eval_loss": evaluation["eval_loss"],
         "eval_perplexity": math.exp(min(evaluation["eval_loss"], 50)),
         "trainable_parameters": trainable, "total_parameters": total, "trainable_percent": 100 * trainable / total,

@@ -51,6 +51,24 @@ def ppo_config(params: Params) -> PPOConfig:
         raise InputError(f"params.yaml: {err}") from None
 
 
+def engine_sampler(backend: str, tokenizer_path: str, temperature: float, max_new_tokens: int, batch_size: int):
+    """Rollouts on an inference engine (`ppo.rollout_backend: onnx-<precision>`), as OpenRLHF and verl sample with vLLM:
+    each call exports the policy's current weights (a merged copy with LoRA; the training model is left as it is) and
+    samples there; PPOTrainer then scores the samples with the training model's log-probs, so the PPO maths is the
+    same. The seed of each call is drawn from torch's seeded generator (restored on resume)."""
+    import copy
+
+    from alignflow.core.generation import OnnxGenerator
+
+    def sample(policy, prompts: list[list[int]]) -> list[list[int]]:
+        weights = copy.deepcopy(policy).merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
+        engine = OnnxGenerator(tokenizer_path, precision=backend.removeprefix("onnx-"), temperature=temperature, top_p=1.0,
+                               batch_size=batch_size, chat_template=False, model=weights)
+        return engine.sample_ids(prompts, max_new_tokens=max_new_tokens, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+
+    return sample
+
+
 def run(params: Params) -> str | None:
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -86,8 +104,10 @@ def run(params: Params) -> str | None:
         ids = [conversation_ids(rm_tokenizer, messages_of[tuple(p)], t.strip()) for p, t in zip(prompts, texts)]
         return torch.tensor(score(reward_model, rm_tokenizer, ids))
 
+    sampler = None if cfg.rollout_backend == "policy" else engine_sampler(cfg.rollout_backend, start, cfg.temperature,
+                                                                          cfg.max_new_tokens, cfg.batch_size)
     trainer = PPOTrainer(config, policy, value_model, reward_fn, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eos_token), ref_model=ref_model)
+                         eos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eos_token), ref_model=ref_model, sampler=sampler)
 
     eval_ids = [prompt_ids(m) for m in eval_prompts]
 

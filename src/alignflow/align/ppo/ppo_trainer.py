@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from alignflow.align.ppo.ppo_config import PPOConfig
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
+# (policy, prompt ids) -> each prompt's sampled response, its tokens through its EOS: an inference engine holding the
+# policy's current weights (alignflow.align.ppo.ppo.engine_sampler); None samples with the policy's own generate
+Sampler = Callable[[torch.nn.Module, list[list[int]]], list[list[int]]]
 
 
 # --- the formulas, each testable on hand-worked numbers ---
@@ -116,10 +119,11 @@ class Rollout:
 
 class PPOTrainer:
     def __init__(self, config: PPOConfig, policy, value_model, reward_fn: RewardFn, *, pad_token_id: int, eos_token_id: int,
-                 ref_model=None):
+                 ref_model=None, sampler: Sampler | None = None):
         if ref_model is None and not hasattr(policy, "disable_adapter"):
             raise ValueError("without a reference model the policy must be a peft model (the reference is the adapter disabled)")
         self.config, self.policy, self.value_model, self.ref_model = config, policy, value_model, ref_model
+        self.sampler = sampler  # None: the policy's own generate
         self.reward_fn, self.pad, self.eos = reward_fn, pad_token_id, eos_token_id
         self.kl = AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
         params = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
@@ -180,16 +184,22 @@ class PPOTrainer:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        sequences = self.policy.generate(
-            input_ids=ids, attention_mask=attention, do_sample=True, temperature=self.config.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=self.config.max_new_tokens, pad_token_id=self.pad, eos_token_id=self.eos)
-        responses = sequences[:, width:]
+        if self.sampler is not None:  # an inference engine samples; the training model scores below (the PPO maths)
+            new = self.sampler(self.policy, prompts)
+            length = max(map(len, new), default=0)
+            responses = torch.tensor([r + [self.pad] * (length - len(r)) for r in new], device=self.device, dtype=ids.dtype)
+            mask = torch.tensor([[1.0] * len(r) + [0.0] * (length - len(r)) for r in new], device=self.device)
+            sequences = torch.cat([ids, responses], dim=1)
+        else:
+            sequences = self.policy.generate(
+                input_ids=ids, attention_mask=attention, do_sample=True, temperature=self.config.temperature, top_k=0,
+                top_p=1.0, max_new_tokens=self.config.max_new_tokens, pad_token_id=self.pad, eos_token_id=self.eos)
+            responses = sequences[:, width:]
+            # the response runs up to and including the first EOS; the rest is padding
+            is_eos = responses == self.eos
+            mask = (~((is_eos.cumsum(dim=1) - is_eos.long()) > 0)).float()
         if responses.shape[1] == 0:
             raise RuntimeError("the policy generated no tokens")
-        # the response runs up to and including the first EOS; the rest is padding
-        is_eos = responses == self.eos
-        after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-        mask = (~after_eos).float()
         attention = torch.cat([attention, mask.long()], dim=1)
         logprobs, logits = self._token_logprobs(self.policy, sequences, attention, width)
         probs = F.softmax(logits, dim=-1)
