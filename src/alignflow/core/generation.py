@@ -192,9 +192,7 @@ class OnnxGenerator:
         self.pad_id = _pad_id(self.tokenizer)
 
     def describe(self) -> dict[str, Any]:
-        import onnxruntime_genai as og
-
-        return {"backend": f"onnx-{self.precision}", "engine": f"onnxruntime-genai {og.__version__}",
+        return {"backend": f"onnx-{self.precision}", "engine": f"onnxruntime-genai {self.og.__version__}",
                 "model": self.model_path, "chat_template": self.chat_template}
 
     def _render(self, prompt: Prompt) -> str:
