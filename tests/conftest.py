@@ -37,7 +37,7 @@ os.environ.setdefault("ALIGNFLOW_CACHE", str(ROOT / ".pytest_cache" / "alignflow
 
 SHARED_SEEDS = ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 VENV_BIN = str(Path(sys.executable).parent)
-PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "src", "requirements", "data/seeds", "data/prompts", "data/annotations", "data/ab_annotations", "data/eval",
+PROJECT_FILES = ["Snakefile", "dvc.yaml", "params.yaml", "workflow", "src", "requirements", "data/seeds", "data/demonstrations", "data/prompts", "data/annotations", "data/ab_annotations", "data/eval",
                  "slurm", ".dvcignore", ".gitignore"]
 
 
@@ -63,8 +63,8 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: -length(item))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def tiny_llama(out: Path, hidden_size: int = 32, heads: int = 2, kv_heads: int = 1, **config) -> Path:
+    """A 2-layer Llama with seeded random weights and the embedded SmolLM2 tokenizer, saved to `out`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,49 +73,52 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     tokenizer = load_tokenizer(resolve_source(ModelParams("embedded:smollm2", None, None, False, "auto")))
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, **config,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out)
+    LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny64_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama 64 wide: bitsandbytes' 4-bit layers on an AVX512-BF16 CPU repack their weights for inference
+    in blocks of 64 input features, which a 32-wide model does not fill (QLoRA's tests use this one)."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny64-llama"), hidden_size=64, heads=4, kv_heads=2)
 
 
 @pytest.fixture(scope="session")
 def lively_model_dir(tmp_path_factory) -> Path:
     """The tiny Llama with large random weights, so that greedy answers differ from prompt to prompt (the default
     initialisation answers every prompt with one repeated token, which any engine would match)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from alignflow.core.models import load_tokenizer, resolve_source
-    from alignflow.core.params import ModelParams
-
-    tokenizer = load_tokenizer(resolve_source(ModelParams("embedded:smollm2", None, None, False, "auto")))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.5,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("lively-llama")
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return tiny_llama(tmp_path_factory.mktemp("lively-llama"), hidden_size=64, heads=4, kv_heads=2, initializer_range=0.5)
 
 
 ALIGN_METHODS = ("ppo", "grpo", "dpo", "ipo", "orpo", "simpo")
 TINY_METHODS = ("ppo", "grpo", "dpo", "orpo")
 
 
-def tiny_params(model_dir: Path, **overrides) -> dict:
-    """params.yaml of the project, shrunk for tests: tiny model, few instructions, short generations."""
+def tiny_params(model_dir: Path, engine: str | None = "transformers", **overrides) -> dict:
+    """params.yaml of the project, shrunk for tests: tiny model, few instructions, short generations.
+
+    `engine`: the generation backend of self_instruct, samples and evaluate. The stage tests generate with
+    transformers, which needs no export of each new tiny model (ORT GenAI's model builder: seconds per model, and
+    the DVC loops train dozens); None keeps params.yaml's default (auto: ONNX Runtime GenAI on a CPU), which the
+    end-to-end pipelines run, and tests/test_generation.py checks that engine against transformers token for token."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["model"]["name_or_path"] = str(model_dir)
+    if engine is not None:
+        for section in ("self_instruct", "samples", "evaluate"):
+            params[section]["backend"] = engine
     params["self_instruct"].update(num_instructions=24, batch_size=8, max_new_tokens=24, instance_max_new_tokens=24)
     params["format"]["eval_fraction"] = 0.25
     params["sft"].update(epochs=1, batch_size=4, max_length=128, save_steps=2, prefix_virtual_tokens=4, adapter_bottleneck=8)
@@ -199,7 +202,8 @@ def workdir(tmp_path, monkeypatch, tiny_model_dir):
     """An empty working directory (the cwd) with the tiny model materialised at models/base."""
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "base")
-    shutil.copytree(ROOT / "data" / "seeds", tmp_path / "data" / "seeds")
+    for folder in ("seeds", "demonstrations"):
+        shutil.copytree(ROOT / "data" / folder, tmp_path / "data" / folder)
     return tmp_path
 
 

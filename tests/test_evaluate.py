@@ -15,7 +15,7 @@ from conftest import ROOT, alignflow, call, env, events, openai_server, server, 
 from alignflow.core.params import ParamsError, load_params
 from alignflow.core.rouge import rouge_l_f, tokenize
 from alignflow.evaluate.compare import judge_outcomes, refusal_detector_accuracy, win_rates
-from alignflow.evaluate.evaluate import perplexity, response_kl, unseen
+from alignflow.evaluate.evaluate import response_kl, text_nll, unseen
 
 LABELLED = ROOT / "data" / "eval" / "refusal_examples.jsonl"
 
@@ -24,20 +24,28 @@ def test_refusal_detector_accuracy_on_labelled_examples():
     rows = [json.loads(line) for line in LABELLED.read_text().splitlines()]
     assert {(r["lang"], r["refusal"]) for r in rows} == {("en", True), ("en", False), ("zh", True), ("zh", False)}
     accuracy = refusal_detector_accuracy(str(LABELLED))
-    assert accuracy["examples"] == len(rows) >= 100
-    # the test split was written after the detector and never tuned on
-    assert accuracy["accuracy_test"] > 0.9 and accuracy["accuracy_all"] > 0.9
+    assert accuracy["examples"] == len(rows) >= 400
+    test = [r for r in rows if r["split"] == "test"]
+    assert accuracy["accuracy_test"]["n"] == len(test) >= 200
+    # the test split was written apart from the detector and never tuned on
+    assert accuracy["accuracy_test"]["low"] > 0.85 and accuracy["accuracy_all"]["value"] > 0.9
 
 
 def test_win_rates_by_hand():
     outcomes = ["win", "win", "tie", "loss", "tie", "tie", "win", "loss"]
-    assert win_rates(outcomes) == {"win_rate": 3 / 8, "tie_rate": 3 / 8, "loss_rate": 2 / 8,
-                                   "win_rate_without_ties": 3 / 5, "comparisons": 8}
-    assert win_rates(["tie", "tie"])["win_rate_without_ties"] is None
+    rates = win_rates(outcomes, seed=0)
+    assert {k: rates[k]["value"] for k in ("win_rate", "tie_rate", "loss_rate", "win_rate_without_ties")} == {
+        "win_rate": 3 / 8, "tie_rate": 3 / 8, "loss_rate": 2 / 8, "win_rate_without_ties": 3 / 5}
+    assert rates["comparisons"] == 8 and rates["win_rate"]["n"] == 8 and rates["win_rate_without_ties"]["n"] == 5
+    # Wilson's interval for 3 of 8, by its formula (Agresti & Coull 1998): 0.1368 to 0.6943
+    assert (rates["win_rate"]["low"], rates["win_rate"]["high"]) == pytest.approx((0.1368, 0.6943), abs=1e-4)
+    assert rates["net_win_rate"]["value"] == pytest.approx(1 / 8) and not rates["net_win_rate"]["holds"]
+    assert win_rates(["win"] * 30, seed=0)["net_win_rate"]["holds"]
+    assert win_rates(["tie", "tie"], seed=0)["win_rate_without_ties"]["value"] is None
     with pytest.raises(ValueError):
-        win_rates([])
+        win_rates([], seed=0)
     with pytest.raises(ValueError):
-        win_rates(["win", "draw"])
+        win_rates(["win", "draw"], seed=0)
 
 
 def record(pid, prompt, response, harmful=False):
@@ -123,7 +131,8 @@ def test_response_kl_is_exact_and_perplexity_is_the_mean_nll(tmp_path, tiny_mode
     ids = tokenizer("The river flows east to the sea.", add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         loss = p(input_ids=ids, labels=ids).loss.item()
-    assert perplexity(p, tokenizer, ["The river flows east to the sea."]) == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-5)
+    [row] = text_nll(p, tokenizer, ["The river flows east to the sea.", "a"])  # one token predicts nothing: left out
+    assert row["tokens"] == ids.shape[1] - 1 and row["nll"] / row["tokens"] == pytest.approx(loss, rel=1e-5)
 
 
 @pytest.fixture
@@ -163,36 +172,61 @@ def test_evaluate_compare_report(eval_workdir, tiny_model_dir):
     per_model = {m: json.loads((eval_workdir / f"metrics/evaluate/{m}.json").read_text()) for m in ("base", "sft", "dpo")}
     # the eval prompt that is also an SFT training instruction is left out, and said so
     assert all(m["prompts_left_out_as_seen"] == ["benign-en-01"] and m["prompts"] == len(prompts) - 1 for m in per_model.values())
-    assert per_model["sft"]["kl_to_reference"] == 0 and per_model["dpo"]["kl_to_reference"] > 0
+    assert per_model["sft"]["kl_to_reference"]["value"] == 0 and per_model["dpo"]["kl_to_reference"]["value"] > 0
     responses = [json.loads(line) for line in (eval_workdir / "data/evaluation/dpo.jsonl").read_text().splitlines()]
+    sft_responses = [json.loads(line) for line in (eval_workdir / "data/evaluation/sft.jsonl").read_text().splitlines()]
     harmful = [r for r in responses if r["harmful"]]
-    assert per_model["dpo"]["harmful_refusal_rate"] == sum(r["refused"] for r in harmful) / len(harmful)
+    rate = per_model["dpo"]["harmful_refusal_rate"]
+    assert rate["value"] == sum(r["refused"] for r in harmful) / len(harmful) and rate["n"] == len(harmful)
+    assert 0 <= rate["low"] <= rate["value"] <= rate["high"] <= 1
+    reward = per_model["dpo"]["reward_mean"]
+    assert reward["value"] == pytest.approx(sum(r["reward"] for r in responses) / len(responses)) and reward["low"] < reward["high"]
 
     summary = json.loads((eval_workdir / "metrics/evaluation.json").read_text())
     assert summary["reference"] == "sft" and set(summary["models"]) == {"base", "sft", "dpo"}
     for m in ("base", "dpo"):
         rates = summary["models"][m]
-        assert rates["win_rate"] + rates["tie_rate"] + rates["loss_rate"] == pytest.approx(1.0)
+        assert rates["win_rate"]["value"] + rates["tie_rate"]["value"] + rates["loss_rate"]["value"] == pytest.approx(1.0)
+    # paired differences from the reference, prompt by prompt
+    diff = summary["models"]["dpo"]["vs_reference"]
+    assert diff["reward"]["value"] == pytest.approx(sum(a["reward"] - b["reward"] for a, b in zip(responses, sft_responses)) / len(responses))
+    assert diff["reward"]["n"] == len(responses) and diff["harmful_refusal_rate"]["n"] == len(harmful)
+    assert diff["harmful_refusal_rate"]["value"] == pytest.approx(
+        rate["value"] - summary["models"]["sft"]["harmful_refusal_rate"]["value"])
+    ratio = diff["perplexity_ratio"]
+    assert ratio["value"] == pytest.approx(per_model["dpo"]["perplexity"]["value"] / per_model["sft"]["perplexity"]["value"])
+    assert "vs_reference" not in summary["models"]["sft"]
     verdicts = [json.loads(line) for line in (eval_workdir / "data/compare/verdicts.jsonl").read_text().splitlines()]
     assert len(verdicts) == 2 * (len(prompts) - 1)
     for png in ("win_rates.png", "rewards.png", "refusal.png"):
         assert (eval_workdir / "plots/evaluation" / png).read_bytes()[:4] == b"\x89PNG"
 
-    # the report's table holds the metrics files' numbers
+    # the report's table holds the metrics files' numbers, with their intervals
     report = (eval_workdir / "reports/report.md").read_text()
     table = report.split("## Every model, every metric")[1].split("\n\n")[1]
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines())}
+
+    def interval(value, digits):
+        return f"{value['value']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
+
     for name, m in summary["models"].items():
         cells = rows[name]
-        assert cells[1] == f"{per_model[name]['reward_mean']:.3f} ± {per_model[name]['reward_std']:.3f}"
-        assert cells[1] == f"{m['reward_mean']:.3f} ± {m['reward_std']:.3f}"
+        assert cells[1] == interval(per_model[name]["reward_mean"], 3) == interval(m["reward_mean"], 3)
         if name != "sft":
-            assert cells[2] == f"{m['win_rate']:.2f} / {m['tie_rate']:.2f} / {m['loss_rate']:.2f}"
-        assert cells[3] == f"{per_model[name]['harmful_refusal_rate']:.2f}"
-        assert cells[4] == f"{m['refusal_rate']['benign']:.2f}" and cells[5] == f"{m['refusal_rate']['benign_alarming']:.2f}"
-        assert cells[6] == f"{per_model[name]['perplexity']:.2f}" and cells[7] == f"{m['perplexity_ratio_to_base']:.2f}"
-        assert cells[8] == f"{per_model[name]['kl_to_reference']:.3f}" and cells[9] == f"{m['response_tokens_mean']:.1f}"
-    assert f"{summary['refusal_detector']['accuracy_all']:.3f} on {summary['refusal_detector']['examples']}" in report
+            net = m["net_win_rate"]
+            assert cells[2] == (f"{net['value']:+.2f} [{net['low']:+.2f}, {net['high']:+.2f}] ({m['win_rate']['value']:.2f} / "
+                                f"{m['tie_rate']['value']:.2f} / {m['loss_rate']['value']:.2f})")
+        assert cells[3] == interval(per_model[name]["harmful_refusal_rate"], 2)
+        assert cells[4] == interval(m["refusal_rate"]["benign"], 2) and cells[5] == interval(m["refusal_rate"]["benign_alarming"], 2)
+        assert cells[6] == interval(m["perplexity_ratio_to_base"], 3)
+        assert cells[7] == interval(per_model[name]["kl_to_reference"], 3) and cells[8] == interval(m["response_tokens_mean"], 1)
+    differences = report.split("Paired differences from sft")[1].split("\n\n")[1]
+    dpo_row = next(line for line in differences.splitlines() if line.startswith("| dpo |"))
+    assert f"{diff['reward']['value']:+.3f} [{diff['reward']['low']:+.3f}, {diff['reward']['high']:+.3f}]" in dpo_row
+    # the first screen says what the run shows and what it does not, for dpo (the one alignment method here)
+    head = report.split("## Every model, every metric")[0]
+    assert "## What this run shows" in head and "## What it does not show" in head and "**dpo** refuses" in head
+    assert f"{interval(summary['refusal_detector']['accuracy_all'], 3)} on {summary['refusal_detector']['examples']}" in report
     for png in ("win_rates.png", "rewards.png", "refusal.png"):
         assert f"(../plots/evaluation/{png})" in report
     # lineage: the dpo checkpoint's stage, its parents and params; examples: every model's answer to a harmful prompt
@@ -228,7 +262,8 @@ def test_people_ab_answers_in_compare_and_report(eval_workdir, tiny_model_dir):
     identical = sum(dpo_rows[i] == sft_rows[i] for i in dpo_rows)
     wins = sum(r["winner"] == "dpo" for r in answered[("dpo", "sft")])  # "A" is dpo or sft, as each item's sides fell
     assert dpo["judged_by"] == "human" and dpo["comparisons"] == 2 + identical  # the perturbed models differ on 2 prompts
-    assert dpo["win_rate"] == pytest.approx(wins / (2 + identical)) and dpo["loss_rate"] == pytest.approx((2 - wins) / (2 + identical))
+    assert dpo["win_rate"]["value"] == pytest.approx(wins / (2 + identical))
+    assert dpo["loss_rate"]["value"] == pytest.approx((2 - wins) / (2 + identical))
     assert dpo["human"]["answers"] == 2 and dpo["human"]["agreement_with_rules_judge"]["shared"] == 2
     assert base["judged_by"] == "rules (no human A/B answers for this model)" and "human" not in base
     pair = summary["human_pairs"]["base vs dpo"]
@@ -236,7 +271,7 @@ def test_people_ab_answers_in_compare_and_report(eval_workdir, tiny_model_dir):
     assert pair["agreement_between_annotators"]["agreement"] == 0.0  # ana always picked a side, bo always said tie
     report = (eval_workdir / "reports/report.md").read_text()
     section = report.split("## People's A/B answers")[1]
-    assert f"| dpo | {dpo['human']['win_rate']:.2f} / " in section and "| base vs dpo |" in section
+    assert f"| dpo | {dpo['human']['win_rate']['value']:.2f} / " in section and "| base vs dpo |" in section
 
 
 @pytest.mark.parametrize("change,expected", [

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from alignflow.core.io import InputError
 from alignflow.core.params import load_params
 from alignflow.data import format as format_stage
 from alignflow.data.format import alpaca_prompt, split_of
@@ -32,7 +35,7 @@ def test_split_is_a_seeded_hash():
 
 
 def test_format_stage(workdir, tiny_model_dir):
-    params = load_params(write_params(workdir, tiny_params(tiny_model_dir, format__eval_fraction=0.5)))
+    params = load_params(write_params(workdir, tiny_params(tiny_model_dir, format__eval_fraction=0.5, format__demonstrations=False)))
     filtered = workdir / params.paths.filtered
     filtered.parent.mkdir(parents=True)
     rows = [{"id": f"m{i}", "instruction": f"Task {i}: name a colour.", "input": "red?" if i % 2 else "",
@@ -50,3 +53,23 @@ def test_format_stage(workdir, tiny_model_dir):
         assert "<|im_start|>user" in r["chat_text"] and r["output"] in r["chat_text"]
     metrics = json.loads((workdir / "metrics" / "format.json").read_text())
     assert metrics["train"]["examples"] == len(train)
+
+
+def test_demonstrations_join_the_instructions(workdir, tiny_model_dir):
+    """The written demonstrations (refusals of harmful requests, answers to alarming-but-benign ones) are formatted and
+    split as the instructions are; an id used by both is refused with the file and line."""
+    params = load_params(write_params(workdir, tiny_params(tiny_model_dir)))
+    filtered = workdir / params.paths.filtered
+    filtered.parent.mkdir(parents=True)
+    filtered.write_text(json.dumps({"id": "m0", "instruction": "Name a colour.", "input": "", "output": "Blue",
+                                    "is_classification": False}) + "\n")
+    format_stage.run(params)
+    demos = [json.loads(x) for x in (workdir / params.paths.demonstrations).read_text().splitlines()]
+    out = [json.loads(x) for split in (params.paths.train, params.paths.eval) for x in (workdir / split).read_text().splitlines()]
+    assert sorted(r["id"] for r in out) == sorted(["m0", *(d["id"] for d in demos)])
+    assert {d["category"] for d in demos} == {"harmful", "benign_alarming"} and len(demos) >= 96
+    assert json.loads((workdir / "metrics" / "format.json").read_text())["demonstrations"] == len(demos)
+    clash = workdir / params.paths.demonstrations
+    clash.write_text(clash.read_text() + json.dumps({**demos[0], "id": "m0"}, ensure_ascii=False) + "\n")
+    with pytest.raises(InputError, match=rf"{clash.name}:{len(demos) + 1}: field 'id': 'm0' is also an instruction's id"):
+        format_stage.run(params)

@@ -60,7 +60,7 @@ def pipelines(tmp_path_factory, tiny_model_dir, slurm_cluster):
     """The same params run once through `dvc repro` and once through `snakemake --profile slurm`, at the same time
     (the Slurm run mostly waits between its status checks). The tests below run in file order: later ones change
     params and rerun."""
-    params = tiny_params(tiny_model_dir)
+    params = tiny_params(tiny_model_dir, engine=None)  # the default engine, as a user gets it
     via_dvc = make_repo(tmp_path_factory.mktemp("via_dvc"), params)
     via_snakemake = make_repo(tmp_path_factory.mktemp("via_snakemake"), params)
     # exactly what a user types, plus the test cluster's overrides; a hung plugin must not hang CI

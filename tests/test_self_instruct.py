@@ -93,7 +93,7 @@ def _run_stage(tmp_path, params_dict):
 
 def test_default_backend_on_tiny_model_with_provenance(workdir, tiny_model_dir):
     """backend auto: ONNX Runtime GenAI at fp32 on this CPU, named with its version in every record's provenance."""
-    params = tiny_params(tiny_model_dir, self_instruct__num_instructions=20)
+    params = tiny_params(tiny_model_dir, engine=None, self_instruct__num_instructions=20)
     params["paths"]["seeds"] = str(SHARED_SEEDS)
     records = _run_stage(workdir, params)
     assert len(records) == 20 and len({r["id"] for r in records}) == 20
@@ -131,3 +131,17 @@ def test_openai_backend_reads_key_from_env_and_never_writes_it(workdir, tiny_mod
         if path.is_file() and "models" not in path.parts:
             assert secret not in path.read_text(errors="ignore"), path
     assert secret not in yaml.safe_dump(params)
+
+
+def test_self_instruct_user_tasks_read_as_seeds_and_every_missing_field_named_at_once(tmp_path):
+    """The Self-Instruct repository's user-oriented tasks (id, motivation_app, instruction, instances) are seeds:
+    name is read by nothing and is_classification defaults to false; a line missing several fields names them all."""
+    user = {"id": "user_oriented_task_0", "motivation_app": "Grammarly", "instruction": "Fix the grammar.",
+            "instances": [{"input": "i has a apple", "output": "I have an apple."}]}
+    seeds = tmp_path / "user.jsonl"
+    seeds.write_text(json.dumps(user) + "\n")
+    [task] = read_seed_tasks(seeds)
+    assert task["is_classification"] is False and task["instruction"] == "Fix the grammar."
+    seeds.write_text(json.dumps(user) + "\n" + json.dumps({"id": "t2", "motivation_app": "x"}) + "\n")
+    with pytest.raises(InputError, match=r"user\.jsonl:2: field 'instruction': missing; field 'instances': missing$"):
+        read_seed_tasks(seeds)

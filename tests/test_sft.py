@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -38,14 +39,19 @@ TRAINED = {"full": "", "lora": "lora_", "qlora": "lora_", "prefix": "prompt_enco
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_method_lowers_eval_loss_and_trains_only_its_parameters(method, sft_dir, tiny_model_dir):
+def test_method_lowers_eval_loss_and_trains_only_its_parameters(method, sft_dir, tiny_model_dir, tiny64_model_dir):
+    if method == "qlora":  # 4-bit layers need 64 input features on an AVX512-BF16 CPU (conftest.tiny64_model_dir)
+        shutil.rmtree(sft_dir / "models" / "base")
+        shutil.copytree(tiny64_model_dir, sft_dir / "models" / "base")
     params = sft_params(sft_dir, tiny_model_dir, method=method, learning_rate=LEARNING_RATE[method])
     model, trainer = build(params)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss_before = trainer.evaluate()["eval_loss"]
     trainer.train()
     assert trainer.evaluate()["eval_loss"] < loss_before - 0.02
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    # float parameters only: QLoRA's frozen 4-bit base is uint8 storage no optimizer can move, which bitsandbytes
+    # repacks in place for inference on an AVX512-BF16 CPU (its bytes change, its values do not)
+    changed = {n for n, p in model.named_parameters() if p.is_floating_point() and not torch.equal(p.detach(), before[n])}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed and changed <= trainable
     assert all(TRAINED[method] in n for n in changed)
@@ -125,6 +131,11 @@ def test_stage_writes_loadable_model_metrics_and_curves(sft_dir, tiny_model_dir)
                 "trainable_percent", "peak_memory_mb", "tokens_per_second", "wall_seconds"):
         assert metrics[key] > 0, key
     assert metrics["method"] == "lora" and metrics["trainable_percent"] < 5
+    # the paired per-example change: as many items as held-out examples, an interval around its value
+    change = metrics["eval_loss_change"]
+    assert change["n"] == len((sft_dir / "data" / "formatted" / "eval.jsonl").read_text().splitlines())
+    assert change["low"] <= change["value"] <= change["high"] and change["holds"] == (change["low"] > 0 or change["high"] < 0)
+    assert (change["value"] < 0) == (metrics["eval_loss"] < metrics["eval_loss_before"])  # 4 examples, the same sizes
     assert isinstance(load_trained(sft_dir / "models" / "sft"), PeftModel)
     assert (sft_dir / "models" / "sft" / "chat_template.jinja").exists()
     # peft writes target_modules in a set's order, which differs between processes; the stage sorts them

@@ -106,6 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("input", help="JSONL: prompt/chosen/rejected strings, chosen/rejected message lists, or HH transcripts")
     imp.add_argument("output", help="where to write the pairs (JSONL)")
     imp.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts in the eval split")
+    imp.add_argument("--skip-bad", action="store_true", help="write the good pairs and name every bad record in "
+                     "OUTPUT.report.json (default: the first bad record stops the import, nothing written)")
+    prompts = sub.add_parser("import-prompts", help="read a public prompt set (JSONL or CSV) into alignflow's prompt schema")
+    prompts.add_argument("input", help="JSONL or CSV: one prompt (or instruction, question, text) per record")
+    prompts.add_argument("output", help="where to write the prompts (JSONL): use it as paths.eval_prompts or paths.prompts")
+    prompts.add_argument("--text-column", help="the column with the prompt (default: prompt, instruction, question or text)")
+    prompts.add_argument("--id-column", default="id", help="the column with the id (default id; else FILE-LINE)")
+    kinds = prompts.add_mutually_exclusive_group(required=True)
+    kinds.add_argument("--category", choices=("benign", "benign_alarming", "harmful"), help="one category for every prompt")
+    kinds.add_argument("--category-column", help="the column that says the category (or harmful or not)")
+    prompts.add_argument("--harmful-values", default="true,1,yes,harmful,unsafe",
+                         help="values of --category-column that mean harmful (comma-separated, any case)")
+    prompts.add_argument("--otherwise", default="benign", choices=("benign", "benign_alarming"),
+                         help="the category of a value that is not harmful (default benign)")
+    prompts.add_argument("--skip-bad", action="store_true", help="as for import-preferences")
     annotate = sub.add_parser("annotate", help="a local web page for people to rank samples or A/B-test two models")
     annotate.add_argument("mode", choices=("rank", "ab"), help="rank: the samples stage's responses; ab: two models' answers")
     annotate.add_argument("model", nargs="?", help="ab: the model to test (a name in evaluate.models)")
@@ -135,7 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "import-preferences":
             from alignflow.core.pairs import import_file
 
-            import_file(args.input, args.output, seed=params.seed, eval_fraction=args.eval_fraction)
+            report = import_file(args.input, args.output, seed=params.seed, eval_fraction=args.eval_fraction, skip_bad=args.skip_bad)
+            summary = f"wrote {args.output}: {report['written']} pairs of {report['records']} records, {report['skipped']} skipped"
+        elif args.stage == "import-prompts":
+            from alignflow.core.prompt_sets import import_prompts
+
+            report = import_prompts(args.input, args.output, text_column=args.text_column, id_column=args.id_column,
+                                    category=args.category, category_column=args.category_column,
+                                    harmful_values=tuple(args.harmful_values.split(",")), otherwise=args.otherwise,
+                                    skip_bad=args.skip_bad)
+            summary = f"wrote {args.output}: {report['written']} prompts {report['categories']}, {report['skipped']} skipped"
         elif args.stage == "annotate":
             from alignflow.feedback.annotate import serve
 

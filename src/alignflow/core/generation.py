@@ -267,10 +267,10 @@ def onnx_export(model: Any, tokenizer: Any, precision: str) -> Path:
     """The ORT GenAI export of `model` (a transformers model, adapters merged) at `precision`, from the cache when
     these exact weights were exported before. The key hashes every weight tensor, the config, the precision and
     the onnxruntime-genai version; the export is written to a temporary directory and renamed into place."""
+    import contextlib
     import hashlib
+    import io
     import shutil
-    import subprocess
-    import sys
     import tempfile
 
     import onnxruntime_genai as og
@@ -292,10 +292,17 @@ def onnx_export(model: Any, tokenizer: Any, precision: str) -> Path:
         model.save_pretrained(source)
         tokenizer.save_pretrained(source)
         log.info("exporting %s to ONNX (%s) with onnxruntime-genai %s's model builder", model.config.name_or_path, precision, og.__version__)
-        done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(built),
-                               "-p", precision, "-e", "cpu", "-c", str(Path(tmp) / "cache")], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"onnxruntime-genai's model builder failed:\n{done.stderr[-3000:]}")
+        # in this process (what `python -m onnxruntime_genai.models.builder` runs, byte-identical output): a new
+        # interpreter would spend ~6 s importing torch and transformers again, for a ~1 s export of a small model
+        from onnxruntime_genai.models import builder
+
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                options = builder.parse_extra_options(None, str(source), str(built), precision, "cpu", str(Path(tmp) / "cache"), {})
+                builder.create_model(None, str(source), str(built), precision, "cpu", str(Path(tmp) / "cache"), **options)
+        except Exception as err:
+            raise RuntimeError(f"onnxruntime-genai's model builder failed: {err}\n{said.getvalue()[-3000:]}") from err
         config_path = built / "genai_config.json"
         config = json.loads(config_path.read_text())
         config["model"]["pad_token_id"] = _pad_id(tokenizer)

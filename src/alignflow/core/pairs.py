@@ -1,6 +1,7 @@
 """Preference pairs: one schema for every source, rankings turned into pairs, and imports of public data.
 
-    alignflow import-preferences hh.jsonl data/preferences/imported.jsonl --eval-fraction 0.1 --seed 42
+    alignflow import-preferences hh.jsonl data/preferences/imported.jsonl --eval-fraction 0.1
+    alignflow import-preferences hh.jsonl data/preferences/imported.jsonl --skip-bad   # keep the good pairs
 
 A pair record (JSONL):
     {"id", "prompt_id", "prompt": [chat messages], "chosen": str, "rejected": str,
@@ -12,6 +13,9 @@ Reads the three common public shapes, detected per line:
                        an optional "prompt" string is used when the lists hold only the answer)
 - HH transcripts:      {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": "..."}
 The split is by prompt (`assign_splits`: a seeded hash of `prompt_id`), so no prompt is on both sides.
+Strict by default: the first bad record stops the import with its file:line and reason, and nothing is written.
+With `skip_bad`, the good pairs are written and `<output>.report.json` beside them counts what was read, written,
+skipped (by reason) and repeated, and names every skipped record (file:line and reason).
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import json
 import logging
 import re
 from itertools import combinations
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
 from alignflow.core import contracts
-from alignflow.core.io import InputError, atomic_path, dump_jsonl, read_jsonl
+from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl, read_tolerant
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +94,11 @@ def parse_pair(record: dict[str, Any], where: str) -> tuple[list[dict[str, str]]
     else:
         raise InputError(f"{where}: fields 'chosen' / 'rejected': expected two strings (with 'prompt'), "
                          "two message lists, or two Human/Assistant transcripts")
-    if not messages or not good.strip() or not bad.strip():
-        raise InputError(f"{where}: empty prompt or answer")
+    if not messages or not any(m["content"].strip() for m in messages):
+        raise InputError(f"{where}: empty prompt")
+    for field, answer in (("chosen", good), ("rejected", bad)):
+        if not answer.strip():
+            raise InputError(f"{where}: field '{field}': empty final answer")
     if good.strip() == bad.strip():
         raise InputError(f"{where}: fields 'chosen' and 'rejected': the same answer")
     return messages, good, bad
@@ -104,18 +112,39 @@ def make_pair(messages: list[dict[str, str]], chosen: str, rejected: str, judge:
             "judge": judge, "split": None}
 
 
-def import_file(source: str, output: str, seed: int, eval_fraction: float) -> None:
-    """Read a public preference file, write it in the pair schema (validated, atomically)."""
+def import_file(source: str, output: str, seed: int, eval_fraction: float, skip_bad: bool = False) -> dict[str, Any]:
+    """Read a public preference file, write it in the pair schema (validated, atomically); return the report."""
+    def parse(record: dict[str, Any], where: str) -> dict[str, Any]:
+        messages, chosen, rejected = parse_pair(record, where)
+        return make_pair(messages, chosen, rejected, {"kind": "import", "source": source, "line": int(where.rsplit(":", 1)[1])})
+
+    parsed, skipped = read_tolerant(source, parse, skip_bad)
     pairs: dict[str, dict[str, Any]] = {}
-    for line, record in read_jsonl(source):
-        messages, chosen, rejected = parse_pair(record, f"{source}:{line}")
-        pair = make_pair(messages, chosen, rejected, {"kind": "import", "source": source, "line": line})
+    for pair in parsed:
         pairs.setdefault(pair["id"], pair)  # the same pair twice is kept once
     records = assign_splits(list(pairs.values()), seed, eval_fraction)
     contracts.validate("pairs", records, output)
-    with atomic_path(output) as tmp:
+    report = skip_report(source, len(parsed) + len(skipped), len(records), skipped, repeated=len(parsed) - len(pairs))
+    with atomic_path(output) as tmp, atomic_path(report_path(output)) as tmp_report:
         dump_jsonl(records, tmp)
-    log.info("imported %d pairs (%d prompts) from %s into %s", len(records), len({r["prompt_id"] for r in records}), source, output)
+        dump_json(report, tmp_report)
+    log.info("imported %d pairs (%d prompts) from %s into %s; %d records skipped%s", len(records),
+             len({r["prompt_id"] for r in records}), source, output, len(skipped), f" (see {report_path(output)})" if skipped else "")
+    return report
+
+
+def report_path(output: str) -> Path:
+    """`<output>.report.json`: what an import read, wrote and skipped."""
+    return Path(f"{output}.report.json")
+
+
+def skip_report(source: str, read: int, written: int, skipped: list[dict[str, str]], repeated: int = 0) -> dict[str, Any]:
+    """Counts of an import and every skipped record: {"where": "file:line", "reason"}, by reason too."""
+    reasons: dict[str, int] = {}
+    for item in skipped:
+        reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
+    return {"source": source, "records": read, "written": written, "repeated": repeated, "skipped": len(skipped),
+            "skipped_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])), "skipped_records": skipped}
 
 
 # --- reading the pairs back (reward_model and the alignment stages) ---

@@ -39,6 +39,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class PathParams:
     seeds: str
+    demonstrations: str
     base_model: str
     generated: str
     filtered: str
@@ -96,6 +97,7 @@ class FilterParams:
 class FormatParams:
     eval_fraction: float
     system_prompt: str | None
+    demonstrations: bool
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
     alignflow format                # reads params.yaml: seed, format, paths
 
-Reads:  `paths.filtered` and the tokenizer (with its chat template) in `paths.base_model`.
+Reads:  `paths.filtered`, and `paths.demonstrations` when `format.demonstrations` (written examples in git: refusals
+        of harmful requests and full answers to alarming-but-benign ones, the chapter's balance for SFT data; the
+        same fields as a machine instruction, plus category and lang), and the tokenizer (with its chat template) in
+        `paths.base_model`.
 Writes: `paths.train`, `paths.eval` and `<paths.metrics>/format.json`. Each record has
         id, split, instruction, input, output,
         prompt / completion / text   the Alpaca template (with-input or no-input variant, text exactly
@@ -64,7 +67,13 @@ def run(params: Params) -> str | None:
     if tokenizer.chat_template is None:
         raise InputError(f"{paths.base_model}: the tokenizer has no chat template")
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
-    for _, record in read_jsonl(paths.filtered, RECORD_FIELDS):
+    records = [record for _, record in read_jsonl(paths.filtered, RECORD_FIELDS)]
+    demonstrations = [record for _, record in read_jsonl(paths.demonstrations, RECORD_FIELDS)] if fmt.demonstrations else []
+    seen = {r["id"] for r in records}
+    for line, record in enumerate(demonstrations, 1):
+        if record["id"] in seen:
+            raise InputError(f"{paths.demonstrations}:{line}: field 'id': {record['id']!r} is also an instruction's id in {paths.filtered}")
+    for record in records + demonstrations:
         instruction, input_text, output = record["instruction"].strip(), record["input"].strip(), record["output"].strip()
         split = split_of(instruction, params.seed, fmt.eval_fraction)
         prompt = alpaca_prompt(instruction, input_text)
@@ -79,6 +88,7 @@ def run(params: Params) -> str | None:
             raise InputError(f"{paths.filtered}: the {name} split is empty; generate more or change format.eval_fraction")
     contracts.validate("formatted", splits["train"] + splits["eval"], paths.train)
     metrics = {name: {"examples": len(r), "with_input": sum(bool(x["input"]) for x in r)} for name, r in splits.items()}
+    metrics["demonstrations"] = len(demonstrations)
     with (atomic_path(paths.train) as tmp_train, atomic_path(paths.eval) as tmp_eval,
           atomic_path(Path(paths.metrics) / "format.json") as tmp_metrics):
         dump_jsonl(splits["train"], tmp_train)

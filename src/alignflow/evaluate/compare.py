@@ -19,6 +19,11 @@ checkpoint is `paths.sft_model`, the SFT model), judged by the preference stage'
                 majority of the annotators, over the prompts they answered; a model nobody A/B-tested falls back
                 to the rules (each model's `judged_by` says which)
 Identical responses are a tie without asking. Ties are counted apart: win + tie + loss = 1.
+
+Statistics (alignflow.core.stats): every share carries its Wilson 95% interval, and each model's `vs_reference`
+block holds the paired differences from the reference on the same prompts (reward, refusal rate per category,
+response length; a seeded bootstrap over prompts) and the perplexity ratio on the same held-out texts, each with
+`holds`: its interval excludes no change. `net_win_rate` (wins minus losses, per prompt) is paired the same way.
 Whatever the judge, a model with people's A/B answers also gets a `human` block: their win rates, how often
 the annotators agree, and how often they agree with `preferences.agreement_judge` on the same prompts; A/B
 answers between two other models (`annotate ab X --against Y`) go under `human_pairs` as "X vs Y".
@@ -37,30 +42,51 @@ from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl, re
 from alignflow.core.judges import judge_pairs, pairwise_judge, rules_pair
 from alignflow.core.params import Params
 from alignflow.core.refusal import is_refusal
+from alignflow.core.stats import mean_interval, paired_difference, paired_perplexity_ratio, proportion, wilson
 
 log = logging.getLogger(__name__)
 
 
-def win_rates(outcomes: list[str]) -> dict[str, Any]:
-    """Outcomes ("win" | "tie" | "loss", from the model's side) -> rates; ties are their own share."""
+def win_rates(outcomes: list[str], seed: int) -> dict[str, Any]:
+    """Outcomes ("win" | "tie" | "loss", from the model's side) -> rates with Wilson intervals; ties are their own
+    share; net_win_rate = mean of +1 / 0 / -1 per prompt, with a bootstrap interval (`holds`: it excludes 0)."""
     if not outcomes:
         raise ValueError("no comparisons")
     counts = Counter(outcomes)
     if set(counts) - {"win", "tie", "loss"}:
         raise ValueError(f"unknown outcomes: {sorted(set(counts) - {'win', 'tie', 'loss'})}")
     n, decided = len(outcomes), counts["win"] + counts["loss"]
-    return {"win_rate": counts["win"] / n, "tie_rate": counts["tie"] / n, "loss_rate": counts["loss"] / n,
-            "win_rate_without_ties": counts["win"] / decided if decided else None, "comparisons": n}
+    net = mean_interval([{"win": 1, "tie": 0, "loss": -1}[o] for o in outcomes], seed)
+    net["holds"] = net["n"] > 1 and (net["low"] > 0 or net["high"] < 0)
+    return {"win_rate": wilson(counts["win"], n), "tie_rate": wilson(counts["tie"], n), "loss_rate": wilson(counts["loss"], n),
+            "win_rate_without_ties": wilson(counts["win"], decided), "net_win_rate": net, "comparisons": n}
 
 
 def refusal_detector_accuracy(path: str) -> dict[str, Any]:
-    """The detector's accuracy on labelled responses, per split (dev: looked at while writing it; test: not)."""
+    """The detector's accuracy on labelled responses with Wilson intervals, per split (dev: looked at while
+    writing it; test: not)."""
     rows = [r for _, r in read_jsonl(path, {"text": str, "refusal": bool, "split": str})]
     result: dict[str, Any] = {"examples": len(rows)}
     for split in ("dev", "test", None):
         subset = [r for r in rows if split is None or r["split"] == split]
         if subset:
-            result[f"accuracy_{split or 'all'}"] = sum(is_refusal(r["text"]) == r["refusal"] for r in subset) / len(subset)
+            result[f"accuracy_{split or 'all'}"] = proportion([is_refusal(r["text"]) == r["refusal"] for r in subset])
+    return result
+
+
+def paired_differences(records: list[dict], reference: list[dict], seed: int) -> dict[str, Any]:
+    """This model minus the reference on the same prompts: reward, refusal rates (per category, and over the
+    benign ones), response tokens; each with its bootstrap interval over prompts and `holds`."""
+    ref = {r["id"]: r for r in reference}
+
+    def diff(key: str, rows: list[dict]) -> dict[str, Any]:
+        return paired_difference([float(r[key]) for r in rows], [float(ref[r["id"]][key]) for r in rows], seed)
+
+    result = {"reward": diff("reward", records)}
+    for category in sorted({r["category"] for r in records}):
+        result[f"{category}_refusal_rate"] = diff("refused", [r for r in records if r["category"] == category])
+    result["over_refusal_rate"] = diff("refused", [r for r in records if not r["harmful"]])
+    result["response_tokens"] = diff("response_tokens", records)
     return result
 
 
@@ -117,7 +143,7 @@ def human_outcomes(model: str, records: list[dict], other: str, reference: list[
     answered = sorted({a["item"] for a in answers})
     outcome = {item: majority([a["outcome"] for a in answers if a["item"] == item]) for item in answered}
     identical = [r["id"] for r in records if r["response"] == ref_by_id[r["id"]]["response"]]
-    result = {**win_rates([outcome[i] for i in answered] + ["tie"] * len(identical)), "answers": len(answers),
+    result = {**win_rates([outcome[i] for i in answered] + ["tie"] * len(identical), params.seed), "answers": len(answers),
               "annotators": len(each), "stale_answers": len(stale), "agreement_between_annotators": between_annotators(each)}
     kind = params.preferences.agreement_judge
     if kind:
@@ -135,12 +161,17 @@ def ab_model_pairs(folder: str) -> list[tuple[str, str]]:
     return sorted({tuple(sorted(r["models"])) for _, r in read_logs(folder) if isinstance(r.get("models"), list) and len(r["models"]) == 2})
 
 
-def read_model(params: Params, name: str) -> tuple[list[dict], dict]:
+def read_model(params: Params, name: str) -> tuple[list[dict], dict, tuple[list[float], list[int]]]:
+    """One evaluate@<name>'s per-prompt records, metrics and per-text (NLL, tokens) on the held-out text."""
     responses = Path(params.paths.evaluation) / f"{name}.jsonl"
+    heldout = Path(params.paths.evaluation) / f"{name}.heldout.jsonl"
     metrics = Path(params.paths.metrics) / "evaluate" / f"{name}.json"
-    if not responses.is_file() or not metrics.is_file():
+    if not responses.is_file() or not metrics.is_file() or not heldout.is_file():
         raise InputError(f"{responses}: missing; run evaluate@{name} first (dvc repro evaluate@{name})")
-    return [r for _, r in read_jsonl(responses, {"id": str, "response": str, "reward": float})], json.loads(metrics.read_text())
+    records = [r for _, r in read_jsonl(responses, {"id": str, "response": str, "reward": float, "refused": bool,
+                                                    "category": str, "harmful": bool, "response_tokens": int})]
+    texts = [r for _, r in read_jsonl(heldout, {"text": int, "nll": float, "tokens": int})]
+    return records, json.loads(metrics.read_text()), ([t["nll"] for t in texts], [t["tokens"] for t in texts])
 
 
 def draw(summary: dict[str, Any], rewards: dict[str, list[float]], reference: str, folder: Path) -> None:
@@ -154,7 +185,7 @@ def draw(summary: dict[str, Any], rewards: dict[str, list[float]], reference: st
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(others)))
     left = [0.0] * len(others)
     for outcome, colour in (("win", "#4c9f70"), ("tie", "#c8c8c8"), ("loss", "#d1605e")):
-        values = [summary[m][f"{outcome}_rate"] for m in others]
+        values = [summary[m][f"{outcome}_rate"]["value"] for m in others]
         ax.barh(others, values, left=left, color=colour, label=outcome)
         left = [a + b for a, b in zip(left, values)]
     ax.set_xlim(0, 1)
@@ -174,11 +205,13 @@ def draw(summary: dict[str, Any], rewards: dict[str, list[float]], reference: st
     fig, ax = plt.subplots(figsize=(6, 3))
     width = 0.27
     for k, (key, label) in enumerate((("benign", "benign"), ("benign_alarming", "benign, looks alarming"), ("harmful", "harmful"))):
-        ax.bar([i + (k - 1) * width for i in range(len(models))], [summary[m]["refusal_rate"][key] or 0 for m in models],
-               width, label=label)
+        rates = [summary[m]["refusal_rate"][key] for m in models]
+        values = [r["value"] or 0 for r in rates]
+        errors = [[max(0.0, v - (r["low"] or 0)) for v, r in zip(values, rates)], [max(0.0, (r["high"] or 0) - v) for v, r in zip(values, rates)]]
+        ax.bar([i + (k - 1) * width for i in range(len(models))], values, width, yerr=errors, capsize=2, label=label)
     ax.set_xticks(range(len(models)), models)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("share refused")
+    ax.set_ylabel("share refused (95% interval)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(folder / "refusal.png", dpi=100)
@@ -192,31 +225,36 @@ def run(params: Params) -> str | None:
     ids = [r["id"] for r in reference_records]
     summary, all_verdicts, rewards = {}, [], {}
     judge = params.preferences.judge
-    for name, (records, metrics) in loaded.items():
+    reference_texts = loaded[params.reference_model][2]
+    for name, (records, metrics, texts) in loaded.items():
         if [r["id"] for r in records] != ids:
             raise InputError(f"{paths.evaluation}/{name}.jsonl: not the same prompts as {params.reference_model}'s; rerun evaluate@{name}")
+        if len(texts[0]) != len(reference_texts[0]):
+            raise InputError(f"{paths.evaluation}/{name}.heldout.jsonl: not the same held-out texts as {params.reference_model}'s; rerun evaluate@{name}")
         entry = {key: metrics[key] for key in ("reward_mean", "reward_std", "harmful_refusal_rate", "over_refusal_rate",
                                                "refusal_rate", "perplexity", "kl_to_reference", "response_tokens_mean")}
         if "base" in loaded:
-            entry["perplexity_ratio_to_base"] = metrics["perplexity"] / loaded["base"][1]["perplexity"]
+            entry["perplexity_ratio_to_base"] = paired_perplexity_ratio(texts, loaded["base"][2], params.seed)
         if name != params.reference_model:
+            entry["vs_reference"] = {**paired_differences(records, reference_records, params.seed),
+                                     "perplexity_ratio": paired_perplexity_ratio(texts, reference_texts, params.seed)}
             human = human_outcomes(name, records, params.reference_model, reference_records, params)
             if judge == "human" and human:
-                entry.update({k: human[k] for k in ("win_rate", "tie_rate", "loss_rate", "win_rate_without_ties", "comparisons")})
+                entry.update({k: human[k] for k in ("win_rate", "tie_rate", "loss_rate", "win_rate_without_ties", "net_win_rate", "comparisons")})
                 entry["judged_by"] = "human"
                 all_verdicts += [{"model": name, "reference": params.reference_model, "prompt_id": i, "outcome": o,
                                   "judge": {"kind": "human", "majority_of": human["annotators"]}} for i, o in human["outcomes"].items()]
             else:
                 kind = "ai" if judge in ("ai", "constitution") else "rules"
                 outcomes, verdicts = judge_outcomes(name, records, reference_records, params, kind)
-                entry.update(win_rates(outcomes))
+                entry.update(win_rates(outcomes, params.seed))
                 entry["judged_by"] = kind if judge != "human" else "rules (no human A/B answers for this model)"
                 all_verdicts += verdicts
             if human:
                 entry["human"] = {k: v for k, v in human.items() if k != "outcomes"}
         summary[name] = entry
         rewards[name] = [r["reward"] for r in records]
-        log.info("%s: %s", name, ", ".join(f"{k} {v:.3g}" for k, v in entry.items() if isinstance(v, float)))
+        log.info("%s: %s", name, ", ".join(f"{k} {v['value']:.3g}" for k, v in entry.items() if isinstance(v, dict) and v.get("value") is not None))
 
     others = {}  # people's A/B answers for two models neither of which is the reference (annotate ab X --against Y)
     for a, b in ab_model_pairs(paths.ab_annotations):
@@ -236,11 +274,11 @@ def run(params: Params) -> str | None:
     }
     folder = Path(paths.plots) / "evaluation"
     plots = {
-        "win_rates.json": [{"model": m, **{k: summary[m][k] for k in ("win_rate", "tie_rate", "loss_rate")}}
+        "win_rates.json": [{"model": m, **{k: summary[m][k]["value"] for k in ("win_rate", "tie_rate", "loss_rate")}}
                            for m in summary if m != params.reference_model],
-        "refusal.json": [{"model": m, "over_refusal_rate": summary[m]["over_refusal_rate"],
-                          "harmful_refusal_rate": summary[m]["harmful_refusal_rate"]} for m in summary],
-        "rewards.json": [{"model": m, "reward_mean": summary[m]["reward_mean"], "reward_std": summary[m]["reward_std"]}
+        "refusal.json": [{"model": m, "over_refusal_rate": summary[m]["over_refusal_rate"]["value"],
+                          "harmful_refusal_rate": summary[m]["harmful_refusal_rate"]["value"]} for m in summary],
+        "rewards.json": [{"model": m, "reward_mean": summary[m]["reward_mean"]["value"], "reward_std": summary[m]["reward_std"]}
                          for m in summary],
     }
     names = [*plots, "win_rates.png", "rewards.png", "refusal.png"]
@@ -254,4 +292,4 @@ def run(params: Params) -> str | None:
         dump_json(result, tmp_metrics)
     return (f"wrote {Path(paths.metrics) / 'evaluation.json'}: {len(summary)} models on {len(ids)} prompts against "
             f"{params.reference_model} (judge: {result['judge']}); refusal detector accuracy "
-            f"{result['refusal_detector']['accuracy_all']:.3f}; plots {', '.join(names)}")
+            f"{result['refusal_detector']['accuracy_all']['value']:.3f}; plots {', '.join(names)}")

@@ -9,7 +9,10 @@ Reads:  the checkpoint `evaluate.models[<model>]`; the prompts `paths.eval_promp
         and listed in the metrics); the text `paths.heldout_text`; the reward model `paths.reward_model`; the SFT
         model `paths.sft_model`, the reference for KL.
 Writes: `<paths.evaluation>/<model>.jsonl`, one line per prompt: response, reward, refused, KL, tokens;
-        `<paths.metrics>/evaluate/<model>.json`:
+        `<paths.evaluation>/<model>.heldout.jsonl`, one line per held-out text: its NLL and predicted tokens (the
+        compare stage's paired perplexity ratios);
+        `<paths.metrics>/evaluate/<model>.json`, each number with its 95% interval ({value, low, high, n};
+        alignflow.core.stats: Wilson for a share, a seeded bootstrap over prompts or texts for the rest):
   reward_mean / reward_std      the reward model's score of the responses
   refusal_rate.<category>       share refused, by category (benign, benign_alarming, harmful) and by language;
                                 over_refusal_rate = refused benign prompts (both benign categories)
@@ -22,7 +25,6 @@ Writes: `<paths.evaluation>/<model>.jsonl`, one line per prompt: response, rewar
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl, re
 from alignflow.core.params import Params
 from alignflow.core.refusal import is_refusal
 from alignflow.core.rouge import rouge_l_f, tokenize
+from alignflow.core.stats import mean_interval, perplexity, proportion
 
 log = logging.getLogger(__name__)
 
@@ -94,23 +97,24 @@ def response_kl(model, reference, prompt_ids: list[int], response_ids: list[int]
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], max_length: int = 512) -> float:
-    """exp(mean negative log-likelihood per predicted token) over all the texts."""
-    total_nll, total_tokens = 0.0, 0
+def text_nll(model, tokenizer, texts: list[str], max_length: int = 512) -> list[dict[str, Any]]:
+    """Per text: the summed negative log-likelihood of its tokens after the first, and how many were predicted
+    (texts of fewer than two tokens are left out). Perplexity = exp(sum of nll / sum of tokens)."""
+    rows = []
     device = next(model.parameters()).device
-    for text in texts:
+    for i, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"].to(device)
         if ids.shape[1] < 2:
             continue
         loss = model(input_ids=ids, labels=ids).loss.item()  # mean over the ids.shape[1] - 1 predicted tokens
-        total_nll += loss * (ids.shape[1] - 1)
-        total_tokens += ids.shape[1] - 1
-    return math.exp(total_nll / total_tokens)
+        rows.append({"text": i, "nll": loss * (ids.shape[1] - 1), "tokens": ids.shape[1] - 1})
+    return rows
 
 
 def refusal_rates(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Shares refused with their Wilson intervals, by category, by category and language, and over the benign."""
     def rate(rows):
-        return sum(r["refused"] for r in rows) / len(rows) if rows else None
+        return proportion([r["refused"] for r in rows])
 
     by_category = {c: rate([r for r in records if r["category"] == c]) for c in CATEGORIES}
     by_language = {f"{c}_{lang}": rate([r for r in records if r["category"] == c and r["lang"] == lang])
@@ -173,23 +177,28 @@ def run(params: Params, model_name: str) -> str | None:
                         "refused": is_refusal(response), "kl_to_reference": kl, "response_tokens": len(response_ids),
                         "generator": provenance})
 
+    heldout = text_nll(model, tokenizer, texts)
+    seed = params.seed
+    has_kl = reference is not None or params.reference_model == model_name
     metrics = {
         "model": model_name, "checkpoint": model_path, "generator": provenance, "prompts": len(records), "prompts_left_out_as_seen": dropped,
-        "reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
+        "reward_mean": mean_interval(rewards, seed), "reward_std": statistics.pstdev(rewards),
         **refusal_rates(records),
-        "perplexity": perplexity(model, tokenizer, texts),
-        "kl_to_reference": statistics.fmean(r["kl_to_reference"] for r in records) if reference is not None or params.reference_model == model_name else None,
+        "perplexity": perplexity([h["nll"] for h in heldout], [h["tokens"] for h in heldout], seed),
+        "kl_to_reference": mean_interval([r["kl_to_reference"] for r in records], seed) if has_kl else None,
         "reference": params.reference_model,
-        "response_tokens_mean": statistics.fmean(r["response_tokens"] for r in records),
+        "response_tokens_mean": mean_interval([r["response_tokens"] for r in records], seed),
         "empty_responses": sum(not r["response"] for r in records),
     }
     out = Path(paths.evaluation) / f"{model_name}.jsonl"
     contracts.validate("evaluation", records, out)
-    with atomic_path(out) as tmp, atomic_path(Path(paths.metrics) / "evaluate" / f"{model_name}.json") as tmp_metrics:
+    with (atomic_path(out) as tmp, atomic_path(Path(paths.evaluation) / f"{model_name}.heldout.jsonl") as tmp_heldout,
+          atomic_path(Path(paths.metrics) / "evaluate" / f"{model_name}.json") as tmp_metrics):
         dump_jsonl(records, tmp)
+        dump_jsonl(heldout, tmp_heldout)
         dump_json(metrics, tmp_metrics)
-    kl = "n/a" if metrics["kl_to_reference"] is None else f"{metrics['kl_to_reference']:.3f}"
-    return (f"wrote {out}: reward {metrics['reward_mean']:.3f} +- {metrics['reward_std']:.3f}, harmful refused "
-            f"{metrics['harmful_refusal_rate']:.2f}, benign refused {metrics['over_refusal_rate']:.2f}, perplexity "
-            f"{metrics['perplexity']:.2f}, KL to {params.reference_model} {kl}, {metrics['response_tokens_mean']:.1f} tokens "
-            f"({provenance['backend']})")
+    kl = "n/a" if metrics["kl_to_reference"] is None else f"{metrics['kl_to_reference']['value']:.3f}"
+    return (f"wrote {out}: reward {metrics['reward_mean']['value']:.3f} +- {metrics['reward_std']:.3f}, harmful refused "
+            f"{metrics['harmful_refusal_rate']['value']:.2f}, benign refused {metrics['over_refusal_rate']['value']:.2f}, "
+            f"perplexity {metrics['perplexity']['value']:.2f}, KL to {params.reference_model} {kl}, "
+            f"{metrics['response_tokens_mean']['value']:.1f} tokens ({provenance['backend']})")

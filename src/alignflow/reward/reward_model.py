@@ -16,7 +16,9 @@ Loss: -log sigmoid(r_chosen - r_rejected) (+ c * mean((r_chosen + r_rejected)^2)
 Methods: `full` (every weight) or `lora` (LoRA on the backbone; the score head always trains fully).
 Metrics on the held-out pairs: accuracy (reward of chosen > rejected), mean margin, and on the same pairs
 two baselines, always-prefer-the-longer-response and a seeded coin, so a model that only learned length
-shows; `prefers_longer_rate` says how often the reward model itself picks the longer response.
+shows; `prefers_longer_rate` says how often the reward model itself picks the longer response. Each with its
+95% interval (Wilson for a share, a seeded bootstrap over pairs for a mean), and `accuracy_over_longer`, the
+paired gain over the longer-answer baseline.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from alignflow.core.launch import is_main_process
 from alignflow.core.pairs import load_preference_splits
 from alignflow.core.params import Params
 from alignflow.core.reward import conversation_ids, from_causal_lm, score
+from alignflow.core.stats import fmt, mean_interval, paired_difference, proportion
 from alignflow.core.training import TrainingRun, chat_tokenizer, lora_config
 
 log = logging.getLogger(__name__)
@@ -53,20 +56,24 @@ def load_pairs(path: str, tokenizer, max_length: int) -> tuple[list[dict[str, An
     return splits["train"], splits["eval"], dropped
 
 
-def pairwise_metrics(pairs: list[dict[str, Any]], chosen: list[float], rejected: list[float], seed: int) -> dict[str, float]:
-    """Accuracy and margin of the rewards, and the two baselines on the same pairs (ties count half)."""
-    n = len(pairs)
+def pairwise_metrics(pairs: list[dict[str, Any]], chosen: list[float], rejected: list[float], seed: int) -> dict[str, Any]:
+    """Accuracy and margin of the rewards, and the two baselines on the same pairs (the longer answer: ties count
+    half), each with its 95% interval (alignflow.core.stats); accuracy_over_longer is the paired gain over the
+    longer-answer baseline, pair by pair."""
     coin = random.Random(seed)
+    right = [c > r for c, r in zip(chosen, rejected)]
     longer = [1.0 if p["chosen_chars"] > p["rejected_chars"] else 0.5 if p["chosen_chars"] == p["rejected_chars"] else 0.0
               for p in pairs]
     picks_longer = [(c > r) == (p["chosen_chars"] > p["rejected_chars"]) for p, c, r in zip(pairs, chosen, rejected)
                     if p["chosen_chars"] != p["rejected_chars"]]
+    n = len(pairs)
     return {
-        "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
-        "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
-        "baseline_longer_accuracy": sum(longer) / n,
-        "baseline_random_accuracy": sum(coin.random() < 0.5 for _ in pairs) / n,
-        "prefers_longer_rate": sum(picks_longer) / max(1, len(picks_longer)),
+        "accuracy": proportion(right),
+        "accuracy_over_longer": paired_difference([float(x) for x in right], longer, seed),
+        "mean_margin": mean_interval([c - r for c, r in zip(chosen, rejected)], seed),
+        "baseline_longer_accuracy": mean_interval(longer, seed),
+        "baseline_random_accuracy": proportion([coin.random() < 0.5 for _ in pairs]),
+        "prefers_longer_rate": proportion(picks_longer),
         "mean_reward_chosen": sum(chosen) / n, "mean_reward_rejected": sum(rejected) / n,
     }
 
@@ -148,9 +155,9 @@ def run(params: Params) -> str | None:
         dump_json([{"pair": i, "chosen": c, "rejected": r} for i, (c, r) in enumerate(zip(eval_chosen, eval_rejected))], tmp_rewards)
         plot_distributions(eval_chosen, eval_rejected, tmp_png)
     run.finish()
-    return (f"wrote {paths.reward_model}: held-out accuracy {before['accuracy']:.3f} -> {held_out['accuracy']:.3f} on "
-            f"{len(eval_chosen)} pairs (longer-response baseline {held_out['baseline_longer_accuracy']:.3f}, random "
-            f"{held_out['baseline_random_accuracy']:.3f}), mean margin {held_out['mean_margin']:.3f}")
+    return (f"wrote {paths.reward_model}: held-out accuracy {before['accuracy']['value']:.3f} -> {fmt(held_out['accuracy'])} "
+            f"on {len(eval_chosen)} pairs (longer-response baseline {fmt(held_out['baseline_longer_accuracy'])}, random "
+            f"{fmt(held_out['baseline_random_accuracy'])}), mean margin {fmt(held_out['mean_margin'])}")
 
 
 def accelerate_section() -> str:

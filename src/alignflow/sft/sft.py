@@ -35,6 +35,7 @@ from alignflow.core.io import InputError, atomic_path, dump_json, read_jsonl
 from alignflow.core.launch import is_main_process, undo_eval_only_prepare
 from alignflow.core.params import Params, SftParams
 from alignflow.core.training import TrainingRun, chat_tokenizer, lora_config
+from alignflow.core.stats import fmt, paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,19 @@ def make_trainer(params: Params, run: TrainingRun, model, tokenizer, train_rows,
     )
 
 
+def example_losses(trainer) -> list[float]:
+    """Each held-out example's loss (mean over its completion tokens), computed as the trainer computes eval_loss
+    (its collator, masks and loss), one example per batch: the items of the paired before / after comparison."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(trainer.eval_dataset, batch_size=1, collate_fn=trainer.data_collator)
+    losses = []
+    for batch in loader:
+        loss, _, _ = trainer.prediction_step(trainer.model, trainer._prepare_inputs(batch), prediction_loss_only=True)
+        losses.append(loss.item())
+    return losses
+
+
 def padding_free_for(sft: SftParams) -> bool:
     """Padding-free batches, unless the method is prefix tuning (its virtual tokens are prepended per row)."""
     return sft.padding_free and sft.method != "prefix"
@@ -203,9 +217,11 @@ def run(params: Params) -> str | None:
             trainer.add_callback(live_callback)
     else:
         eval_before = trainer.evaluate()["eval_loss"]
+    losses_before = example_losses(trainer)
     undo_eval_only_prepare(trainer)  # else, on several processes, train() would not sync their gradients
     train_loss = run.train(trainer)
     evaluation = trainer.evaluate()
+    loss_change = paired_difference(example_losses(trainer), losses_before, params.seed)
 
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"]) * sft.epochs
     tokens *= 1 - run.checkpoints.resumed_from_step / max(trainer.state.global_step, 1)  # those trained in this call
@@ -213,6 +229,7 @@ def run(params: Params) -> str | None:
         "method": sft.method, "padding_free": padding_free_for(sft), "train_loss": train_loss,
         "examples_too_long": (examples[0] - len(train_rows), examples[1] - len(eval_rows)),
         "eval_loss_before": eval_before, "eval_loss": evaluation["eval_loss"],
+        "eval_loss_change": loss_change,  # per held-out example, after minus before, with its paired 95% interval
         "eval_perplexity": math.exp(min(evaluation["eval_loss"], 50)),
         "trainable_parameters": trainable, "total_parameters": total, "trainable_percent": 100 * trainable / total,
         "model_memory_mb": trainer.model.get_memory_footprint() / 2**20,
@@ -224,7 +241,8 @@ def run(params: Params) -> str | None:
         kind = save_checkpoint(sft, trainer.model, tokenizer, tmp, paths.base_model)
         dump_json(metrics, tmp_metrics)
     run.finish()
-    return (f"wrote {paths.sft_model} ({kind}): held-out loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}, "
+    return (f"wrote {paths.sft_model} ({kind}): held-out loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f} "
+            f"(per example {fmt(loss_change)}), "
             f"perplexity {metrics['eval_perplexity']:.2f}, {metrics['tokens_per_second']:.0f} tokens/s")
 
 
