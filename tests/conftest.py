@@ -137,8 +137,8 @@ def tiny_params(model_dir: Path, engine: str | None = "transformers", **override
     # from the SFT model (dpo) and from the base model (orpo); ipo and simpo run dpo's and orpo's code path (their own
     # tests train them), and the default run trains all six
     params["alignment"]["methods"] = list(TINY_METHODS)
-    params["evaluate"]["models"] = {name: path for name, path in params["evaluate"]["models"].items()
-                                    if name not in ALIGN_METHODS or name in TINY_METHODS}
+    params["evaluate"]["models"] = {"base": params["paths"]["base_model"], "sft": params["paths"]["sft_model"],
+                                    **{m: f"{params['paths']['aligned']}/{m}" for m in TINY_METHODS}}
     params["evaluate"].update(max_new_tokens=8)
     for dotted, value in overrides.items():
         section, key = dotted.split("__")

@@ -152,7 +152,7 @@ def test_a_drifted_snakemake_rule_is_caught(tiny_repo):
 def test_a_dropped_dep_is_caught(tiny_repo):
     """A data dep dropped from dvc.yaml changes both drivers alike: the edge list is what catches it. A code folder
     Snakemake no longer expands into its files (a directory's mtime misses edits) fails the rule comparison."""
-    edit(tiny_repo / "dvc.yaml", "      - ${paths.filtered}\n      - ${paths.base_model}\n", "      - ${paths.base_model}\n")
+    edit(tiny_repo / "dvc.yaml", "      - ${paths.filtered}\n      - ${paths.demonstrations}\n", "      - ${paths.demonstrations}\n")
     edit(tiny_repo / "workflow" / "rules" / "common.smk", "deps.extend(files_in(path) or [path])", "deps.append(path)")
     assert edge_mismatches(tiny_repo) == {driver: {"missing": {("filter", "format")}, "extra": set()}
                                           for driver in ("dvc", "snakemake")}

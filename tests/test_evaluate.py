@@ -15,7 +15,7 @@ from conftest import ROOT, alignflow, call, env, events, openai_server, server, 
 from alignflow.core.params import ParamsError, load_params
 from alignflow.core.rouge import rouge_l_f, tokenize
 from alignflow.evaluate.compare import judge_outcomes, refusal_detector_accuracy, win_rates
-from alignflow.evaluate.evaluate import response_kl, text_nll, unseen
+from alignflow.evaluate.evaluate import response_kl, responses_kl, text_nll, unseen
 
 LABELLED = ROOT / "data" / "eval" / "refusal_examples.jsonl"
 
@@ -127,6 +127,9 @@ def test_response_kl_is_exact_and_perplexity_is_the_mean_nll(tmp_path, tiny_mode
     expected = sum(torch.nn.functional.kl_div(torch.log_softmax(logits_q[t], -1), torch.log_softmax(logits_p[t], -1),
                                               log_target=True, reduction="sum").item() for t in range(3, 6))
     assert response_kl(p, q, prompt, response) == pytest.approx(expected, rel=1e-4) and expected > 0
+    # in right-padded batches of mixed lengths (an empty response included): each the one-at-a-time value
+    items = [([5, 17, 300, 41], [7, 99, 2048]), ([8, 9], [10]), ([3] * 12, [4, 5, 6, 7, 8]), ([1, 2], [])]
+    assert responses_kl(p, q, items, batch_size=3) == pytest.approx([response_kl(p, q, a, b) if b else 0.0 for a, b in items], rel=1e-4)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tokenizer("The river flows east to the sea.", add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():

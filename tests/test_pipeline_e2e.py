@@ -95,10 +95,13 @@ def test_slurm_ran_each_stage_as_a_job_with_its_resources(pipelines):
     stages = yaml.safe_load((via_slurm / "dvc.lock").read_text())["stages"]
     jobs = slurm_jobs(via_slurm)
     assert set(jobs) == set(stages), "every DVC stage is one Slurm job (and `all` none)"
-    # the profile gives a GPU to every generation, training and evaluation rule of the default params (all methods)
+    # the profile gives a GPU to every generation, training and evaluation rule: the default params' models and
+    # every method of the table (a user who names one in alignment.methods finds its resources there)
+    from alignflow.align.methods import METHODS as TABLE
+
     default = yaml.safe_load((ROOT / "params.yaml").read_text())
-    gpu_rules = {"self_instruct", "sft", "samples", "reward_model", *(f"align@{m}" for m in default["alignment"]["methods"]),
-                 *(f"evaluate@{m}" for m in default["evaluate"]["models"])}
+    gpu_rules = {"self_instruct", "sft", "samples", "reward_model", *(f"align@{m}" for m in TABLE),
+                 *(f"evaluate@{m}" for m in [*default["evaluate"]["models"], *TABLE])}
     assert {rule for rule, res in profile["set-resources"].items() if res.get("gpu")} == gpu_rules
     assert set(GPU_RULES) <= gpu_rules
     for rule, records in jobs.items():

@@ -87,13 +87,33 @@ def unseen(prompts: list[dict[str, Any]], seen: list[str], threshold: float) -> 
 @torch.no_grad()
 def response_kl(model, reference, prompt_ids: list[int], response_ids: list[int]) -> float:
     """Sum over the response's positions of KL(model(.|context) || reference(.|context)), over the whole vocabulary."""
-    if not response_ids:
-        return 0.0
-    ids = torch.tensor([prompt_ids + response_ids], device=next(model.parameters()).device)
-    start = len(prompt_ids) - 1  # the logits at position t predict token t + 1
-    logp = torch.log_softmax(model(input_ids=ids).logits[0, start:-1].float(), dim=-1)
-    logq = torch.log_softmax(reference(input_ids=ids).logits[0, start:-1].float(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum().item()
+    return responses_kl(model, reference, [(prompt_ids, response_ids)])[0]
+
+
+@torch.no_grad()
+def responses_kl(model, reference, items: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[float]:
+    """`response_kl` of each (prompt ids, response ids), in right-padded batches: a causal model's logits at the
+    real positions do not see the padding after them, so each value is the one-at-a-time value (to float noise)."""
+    device = next(model.parameters()).device
+    out = [0.0] * len(items)
+    order = sorted((i for i, (_, r) in enumerate(items) if r), key=lambda i: -sum(map(len, items[i])))  # similar lengths together
+    for start in tqdm(range(0, len(order), batch_size), desc="KL", unit="batch", disable=len(order) <= batch_size):
+        batch = order[start : start + batch_size]
+        width = max(sum(map(len, items[i])) for i in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(batch):
+            seq = items[i][0] + items[i][1]
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits_p, logits_q = model(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits
+        for row, i in enumerate(batch):
+            prompt, response = items[i]
+            span = slice(len(prompt) - 1, len(prompt) + len(response) - 1)  # the logits at t predict token t + 1
+            logp = torch.log_softmax(logits_p[row, span].float(), dim=-1)
+            logq = torch.log_softmax(logits_q[row, span].float(), dim=-1)
+            out[i] = (logp.exp() * (logp - logq)).sum().item()
+    return out
 
 
 @torch.no_grad()
@@ -167,15 +187,12 @@ def run(params: Params, model_name: str) -> str | None:
         if reference.config.vocab_size != model.config.vocab_size:
             log.warning("%s and %s have different vocabularies: no KL", model_name, params.reference_model)
             reference = None
-    records = []
-    for prompt, message, response, reward in tqdm(list(zip(prompts, messages, responses, rewards)), desc="KL", unit="prompt",
-                                                  disable=reference is None):
-        prompt_ids = tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=False)
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        kl = response_kl(model, reference, list(prompt_ids), response_ids) if reference is not None else 0.0
-        records.append({**prompt, "model": model_name, "response": response, "reward": reward,
-                        "refused": is_refusal(response), "kl_to_reference": kl, "response_tokens": len(response_ids),
-                        "generator": provenance})
+    ids = [(list(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)),
+            tokenizer(r, add_special_tokens=False)["input_ids"]) for m, r in zip(messages, responses)]
+    kls = responses_kl(model, reference, ids, cfg.batch_size // 2 or 1) if reference is not None else [0.0] * len(ids)
+    records = [{**prompt, "model": model_name, "response": response, "reward": reward, "refused": is_refusal(response),
+                "kl_to_reference": kl, "response_tokens": len(response_ids), "generator": provenance}
+               for prompt, response, reward, kl, (_, response_ids) in zip(prompts, responses, rewards, kls, ids)]
 
     heldout = text_nll(model, tokenizer, texts)
     seed = params.seed
