@@ -223,6 +223,18 @@ def test_experiments_as_the_readme_runs_them(pipelines):
     assert diff["metrics/dpo.json"]["beta"] == {"old": baseline_beta, "new": 0.5, "diff": pytest.approx(0.5 - baseline_beta)}
     assert any(key.startswith("models.dpo.") for key in diff["metrics/evaluation.json"])  # the evaluation moved too
     assert not any(key.startswith("models.ppo.") for key in diff["metrics/evaluation.json"])  # and only DPO's
+    # which differences hold: paired by prompt across the two revisions; PPO did not rerun, so nothing of it moves
+    out = sh(["alignflow", "diff", baseline, "dpo-beta-high", "--json", "diff.json"], repo)
+    found = json.loads((repo / "diff.json").read_text())
+    assert set(found["models"]) == set(MODELS) and all(d["paired"] for d in found["models"].values())
+    ppo = found["models"]["ppo"]
+    assert ppo["reward"] == {**ppo["reward"], "value": 0.0, "low": 0.0, "high": 0.0, "holds": False}
+    assert not any(v.get("holds") for v in ppo.values() if isinstance(v, dict))
+    dpo_reward = found["models"]["dpo"]["reward"]
+    new_rows, old_rows = ([json.loads(line) for line in sh(["git", "show", f"{rev}:data/evaluation/dpo.jsonl"], repo).stdout.splitlines()]
+                          for rev in ("dpo-beta-high", baseline))
+    assert dpo_reward["value"] == pytest.approx(sum(a["reward"] - b["reward"] for a, b in zip(new_rows, old_rows)) / len(new_rows))
+    assert "| dpo | yes |" in out.stdout and "differences beyond noise" in out.stderr
     html = repo / "plots_diff"
     sh(["dvc", "plots", "diff", baseline, "dpo-beta-high", "-o", str(html)], repo)
     page = (html / "index.html").read_text()

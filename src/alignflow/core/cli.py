@@ -5,6 +5,8 @@
     alignflow align dpo                     # one alignment method of alignment.methods
     alignflow evaluate dpo                  # the evaluate stage takes the model's name
     alignflow annotate rank                 # not a stage: a web page for people's rankings / A/B answers
+    alignflow diff main my-experiment       # not a stage: which evaluation differences between two revisions hold
+    alignflow import-preferences / import-prompts   # not stages: public data into the pipeline's schemas
 
 Each stage logs to `<paths.logs>/<stage>.log` (declared in dvc.yaml, so DVC and Snakemake both know
 it) and to stderr, shows its progress on stderr (tqdm: generation, training steps, scoring) and ends with one
@@ -121,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts.add_argument("--otherwise", default="benign", choices=("benign", "benign_alarming"),
                          help="the category of a value that is not harmful (default benign)")
     prompts.add_argument("--skip-bad", action="store_true", help="as for import-preferences")
+    diff = sub.add_parser("diff", help="which differences between two revisions' evaluations are beyond noise (95%%)")
+    diff.add_argument("old", help="a git revision (branch, tag, commit; `dvc exp branch` makes one of an experiment)")
+    diff.add_argument("new", help="another revision, or `workspace` for the files on disk")
+    diff.add_argument("--json", dest="json_out", help="also write the differences to this JSON file")
     annotate = sub.add_parser("annotate", help="a local web page for people to rank samples or A/B-test two models")
     annotate.add_argument("mode", choices=("rank", "ab"), help="rank: the samples stage's responses; ab: two models' answers")
     annotate.add_argument("model", nargs="?", help="ab: the model to test (a name in evaluate.models)")
@@ -160,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                                     harmful_values=tuple(args.harmful_values.split(",")), otherwise=args.otherwise,
                                     skip_bad=args.skip_bad)
             summary = f"wrote {args.output}: {report['written']} prompts {report['categories']}, {report['skipped']} skipped"
+        elif args.stage == "diff":
+            from alignflow.evaluate.diff import run as diff_revisions
+
+            summary = diff_revisions(params, args.old, args.new, args.json_out)
         elif args.stage == "annotate":
             from alignflow.feedback.annotate import serve
 
