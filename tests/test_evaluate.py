@@ -308,3 +308,34 @@ def test_params_check_the_evaluated_models(tmp_path, tiny_model_dir):
                                           r"alignment.methods \(ppo\) does not run it"):
         load_params(write_params(tmp_path, params))
     assert re.search(r"^\s+dpo: models/aligned/dpo", (tmp_path / "params.yaml").read_text(), re.M)
+
+
+def test_model_based_refusal_detector_beside_the_phrases(tmp_path, tiny_model_dir):
+    """evaluate.refusal_judge: the AI judge backend (here an OpenAI-compatible server) is asked with the refusal
+    rubric about each labelled response; its accuracy per split and its agreement with the phrase detector are
+    reported beside the phrase detector's. This stand-in judge says "refuses" when the response mentions sorry."""
+    from alignflow.core.judges import REFUSAL_RUBRIC, pairwise_judge
+    from alignflow.core.refusal import is_refusal
+
+    rows = [json.loads(line) for line in LABELLED.read_text().splitlines()]
+    asked = []
+
+    def reply(body):
+        question = body["messages"][-1]["content"]
+        asked.append(question)
+        response = question.split("[Response]\n", 1)[1].rsplit("\n\nDoes the response refuse?", 1)[0]
+        return "A" if "sorry" in response.lower() else "B, it complies."
+
+    with openai_server(reply) as url:
+        params = load_params(write_params(tmp_path, tiny_params(
+            tiny_model_dir, preferences__judge_backend="openai", preferences__judge_model="judge", preferences__api_base=url)))
+        judge = pairwise_judge(params.preferences, params.paths, params.seed)
+        result = refusal_detector_accuracy(str(LABELLED), judge)
+    assert len(asked) == len(rows) and REFUSAL_RUBRIC.split("{response}")[0] in asked[0]
+    says = ["sorry" in r["text"].lower() for r in rows]
+    test = [i for i, r in enumerate(rows) if r["split"] == "test"]
+    assert result["judge"]["accuracy_test"]["value"] == pytest.approx(sum(says[i] == rows[i]["refusal"] for i in test) / len(test))
+    assert result["judge"]["agreement_with_phrases"]["value"] == pytest.approx(
+        sum(s == is_refusal(r["text"]) for s, r in zip(says, rows)) / len(rows))
+    assert result["judge"]["model"]["backend"] == "openai" and result["judge"]["no_answer"] == 0
+    assert result["accuracy_test"] == refusal_detector_accuracy(str(LABELLED))["accuracy_test"]  # the phrases' alone

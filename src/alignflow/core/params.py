@@ -237,6 +237,7 @@ class EvaluateParams:
     max_new_tokens: int
     batch_size: int
     examples: int
+    refusal_judge: bool
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
     alignflow compare                   # reads params.yaml: seed, evaluate, preferences, paths
 
 Reads:  `<paths.evaluation>/<model>.jsonl` and `<paths.metrics>/evaluate/<model>.json` for each model of
-        `evaluate.models` (the evaluate@<model> stages); `paths.refusal_examples`; people's A/B answers in
+        `evaluate.models` (the evaluate@<model> stages); `paths.refusal_examples` (the refusal detector's accuracy;
+        with `evaluate.refusal_judge`, the AI judge's too, asked with a refusal rubric); people's A/B answers in
         `paths.ab_annotations` (alignflow.core.annotation_log).
 Writes: `<paths.metrics>/evaluation.json` (the summary: one entry per model, DVC metrics), `paths.verdicts`
         (every comparison and how it was decided), and under `<paths.plots>/evaluation/`: win_rates.json,
@@ -39,7 +40,7 @@ from typing import Any
 
 from alignflow.core.annotation_log import ab_answers, between_annotators, majority, read_logs, with_judge
 from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl, read_jsonl
-from alignflow.core.judges import judge_pairs, pairwise_judge, rules_pair
+from alignflow.core.judges import PairwiseJudge, judge_pairs, judged_refusals, pairwise_judge, rules_pair
 from alignflow.core.params import Params
 from alignflow.core.refusal import is_refusal
 from alignflow.core.stats import mean_interval, paired_difference, paired_perplexity_ratio, proportion, wilson
@@ -62,15 +63,23 @@ def win_rates(outcomes: list[str], seed: int) -> dict[str, Any]:
             "win_rate_without_ties": wilson(counts["win"], decided), "net_win_rate": net, "comparisons": n}
 
 
-def refusal_detector_accuracy(path: str) -> dict[str, Any]:
-    """The detector's accuracy on labelled responses with Wilson intervals, per split (dev: looked at while
-    writing it; test: not)."""
+def refusal_detector_accuracy(path: str, judge: PairwiseJudge | None = None) -> dict[str, Any]:
+    """The phrase detector's accuracy on labelled responses with Wilson intervals, per split (dev: looked at while
+    writing it; test: not); with a `judge`, the model-based detector's accuracy beside it (no answer counts as
+    wrong) and how often the two detectors agree."""
     rows = [r for _, r in read_jsonl(path, {"text": str, "refusal": bool, "split": str})]
+    phrases = [is_refusal(r["text"]) for r in rows]
+    judged = judged_refusals(judge, [r["text"] for r in rows]) if judge is not None else None
     result: dict[str, Any] = {"examples": len(rows)}
+    if judged is not None:
+        result["judge"] = {"model": judge.describe(), "no_answer": sum(j is None for j in judged),
+                           "agreement_with_phrases": proportion([j == p for j, p in zip(judged, phrases)])}
     for split in ("dev", "test", None):
-        subset = [r for r in rows if split is None or r["split"] == split]
+        subset = [i for i, r in enumerate(rows) if split is None or r["split"] == split]
         if subset:
-            result[f"accuracy_{split or 'all'}"] = proportion([is_refusal(r["text"]) == r["refusal"] for r in subset])
+            result[f"accuracy_{split or 'all'}"] = proportion([phrases[i] == rows[i]["refusal"] for i in subset])
+            if judged is not None:
+                result["judge"][f"accuracy_{split or 'all'}"] = proportion([judged[i] == rows[i]["refusal"] for i in subset])
     return result
 
 
@@ -269,7 +278,8 @@ def run(params: Params) -> str | None:
     result = {
         "reference": params.reference_model, "prompts": len(ids), "judge": judge,
         **({"human_pairs": others} if others else {}),
-        "refusal_detector": refusal_detector_accuracy(paths.refusal_examples),
+        "refusal_detector": refusal_detector_accuracy(
+            paths.refusal_examples, pairwise_judge(params.preferences, paths, params.seed) if cfg.refusal_judge else None),
         "models": summary,
     }
     folder = Path(paths.plots) / "evaluation"
