@@ -339,3 +339,26 @@ def test_model_based_refusal_detector_beside_the_phrases(tmp_path, tiny_model_di
         sum(s == is_refusal(r["text"]) for s, r in zip(says, rows)) / len(rows))
     assert result["judge"]["model"]["backend"] == "openai" and result["judge"]["no_answer"] == 0
     assert result["accuracy_test"] == refusal_detector_accuracy(str(LABELLED))["accuracy_test"]  # the phrases' alone
+
+
+def test_shipped_prompt_sets_are_large_balanced_and_disjoint_from_training():
+    """The default task: at least 200 preference and 150 evaluation prompts, at least 40 of each kind in each, in
+    English and Chinese; no evaluation prompt within the filter's ROUGE-L threshold of a preference prompt, a
+    seed task or a written demonstration (evaluate also drops, at run time, any close to the SFT train split)."""
+    import yaml
+
+    from alignflow.evaluate.evaluate import read_eval_prompts
+
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    evaluation = read_eval_prompts(str(ROOT / default["paths"]["eval_prompts"]))
+    preference = read_eval_prompts(str(ROOT / default["paths"]["prompts"]))
+    for prompts, least in ((evaluation, 150), (preference, 200)):
+        assert len(prompts) >= least
+        for category in ("benign", "benign_alarming", "harmful"):
+            assert sum(p["category"] == category for p in prompts) >= 40, category
+            assert {p["lang"] for p in prompts if p["category"] == category} == {"en", "zh"}
+    demonstrations = [json.loads(line)["instruction"] for line in (ROOT / default["paths"]["demonstrations"]).read_text().splitlines()]
+    seeds = [json.loads(line)["instruction"] for line in (ROOT / "data/seeds/seed_tasks.jsonl").read_text().splitlines()]
+    seen = [p["prompt"] for p in preference] + demonstrations + seeds
+    kept, dropped = unseen(evaluation, seen, default["filter"]["rouge_threshold"])
+    assert dropped == [] and len(kept) == len(evaluation)
