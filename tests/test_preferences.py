@@ -166,6 +166,12 @@ def test_rules_judge_stage(workdir, tiny_model_dir):
     assert metrics["pairs"] == len(pairs) == metrics["train_pairs"] + metrics["eval_pairs"]
     assert metrics["eval_prompts"] == 2 and metrics["judge"] == "rules"
     assert len(read(workdir / "data" / "preferences" / "judgements.jsonl")) == 24  # one per response
+    # whether the samples can teach refusal: refusals among the harmful prompts' samples, and pairs that pick them
+    samples = read(workdir / "data" / "preferences" / "samples.jsonl")
+    harmful_texts = [r["text"] for s in samples if s["harmful"] for r in s["responses"]]
+    assert metrics["samples_refused_harmful"]["value"] == sum(is_refusal(t) for t in harmful_texts) / len(harmful_texts)
+    assert metrics["pairs_harmful"] == len(harmful) and metrics["pairs_chosen_refusal_harmful"] == sum(is_refusal(p["chosen"]) for p in harmful)
+    assert metrics["prompts_with_refusal_and_answer_harmful"] >= 1
 
 
 def judge_reply(body: dict) -> str:

@@ -7,8 +7,9 @@ Reads:  `paths.samples` (the samples stage); for `judge: human` the rankings in 
         the judge model (`preferences.judge_model`, default `paths.base_model`) for `ai` and `constitution`.
 Writes: `paths.pairs`: {"id", "prompt_id", "prompt", "chosen", "rejected", "judge", "split"} (alignflow.core.pairs),
         split by prompt so no prompt is on both sides; `paths.judgements`: every decision the judge made,
-        ties included (the audit trail); `<paths.metrics>/preferences.json`: pair counts and, for the AI judge,
-        how often the two orders agreed.
+        ties included (the audit trail); `<paths.metrics>/preferences.json`: pair counts, whether the samples
+        can teach refusal (the refused share of the harmful and other prompts' samples, prompts with both a refusal
+        and an answer, pairs that choose a refusal) and, for the AI judge, how often the two orders agreed.
 
 Judges (`preferences.judge`; see alignflow.core.judges):
   ai            every pair of a prompt's K responses, asked in both orders; agreeing answers make a pair,
@@ -26,6 +27,7 @@ A ranking of K responses gives all K*(K-1)/2 pairs (InstructGPT); ties give none
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections import Counter
@@ -40,6 +42,8 @@ from alignflow.core.judges import (critique_prompt, judge_model, judge_pairs, pa
                                    rule_checks, rule_score, rules_pair)
 from alignflow.core.pairs import assign_splits, make_pair, ranking_to_pairs
 from alignflow.core.params import Params, PathParams, PreferencesParams
+from alignflow.core.refusal import is_refusal
+from alignflow.core.stats import proportion
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +193,25 @@ def judge_preferences(keys, by_pid, cfg: PreferencesParams, paths: PathParams, s
 JUDGES = {"ai": by_ai, "rules": by_rules, "constitution": by_constitution, "human": by_human}
 
 
+def sample_mix(samples: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the samples can teach refusal: the share of the samples the refusal detector calls refusals, for
+    harmful and for other prompts (Wilson intervals), how many prompts got both a refusal and an answer among their
+    samples, and the pairs whose chosen response is a refusal, by the prompt's kind."""
+    harmful = {s["prompt_id"]: s["harmful"] for s in samples}
+    by_prompt = {json.dumps(s["prompt"], ensure_ascii=False): s["harmful"] for s in samples}  # pairs carry the messages
+    refused = {s["prompt_id"]: [is_refusal(r["text"]) for r in s["responses"]] for s in samples}
+    result: dict[str, Any] = {}
+    for kind, flag in (("harmful", True), ("other", False)):
+        flags = [f for pid, fs in refused.items() if harmful[pid] == flag for f in fs]
+        chosen = [p for p in pairs if by_prompt[json.dumps(p["prompt"], ensure_ascii=False)] == flag]
+        result[f"samples_refused_{kind}"] = proportion(flags)
+        result[f"prompts_with_refusal_and_answer_{kind}"] = sum(
+            1 for pid, fs in refused.items() if harmful[pid] == flag and any(fs) and not all(fs))
+        result[f"pairs_{kind}"] = len(chosen)
+        result[f"pairs_chosen_refusal_{kind}"] = sum(is_refusal(p["chosen"]) for p in chosen)
+    return result
+
+
 def run(params: Params) -> str | None:
     cfg, paths = params.preferences, params.paths
     samples = read_samples(paths.samples)
@@ -211,6 +234,7 @@ def run(params: Params) -> str | None:
         "prompts_without_pairs": len(samples) - len({p["prompt_id"] for p in unique}),
         "mean_chosen_chars": sum(len(p["chosen"]) for p in unique) / len(unique),
         "mean_rejected_chars": sum(len(p["rejected"]) for p in unique) / len(unique),
+        **sample_mix(samples, unique),
         **judge_metrics,
     }
     with (atomic_path(paths.pairs) as tmp_pairs, atomic_path(paths.judgements) as tmp_judgements,
