@@ -346,7 +346,7 @@ def test_human_feedback_loop_recorded_by_dvc(tmp_path, tiny_model_dir, browser):
     identical = sum(a["response"] == b["response"] for a, b in zip(sft_rows, dpo_rows))
     n = len(answers) + identical
     assert dpo["judged_by"] == "human" and dpo["comparisons"] == n
-    assert (dpo["win_rate"], dpo["tie_rate"], dpo["loss_rate"]) == pytest.approx(
+    assert (dpo["win_rate"]["value"], dpo["tie_rate"]["value"], dpo["loss_rate"]["value"]) == pytest.approx(
         (logged.count("win") / n, (logged.count("tie") + identical) / n, logged.count("loss") / n))
     assert dpo["human"]["answers"] == len(answers) and dpo["human"]["agreement_with_ai_judge"]["shared"] == len(answers)
     assert "up to date" in sh(["dvc", "status"], repo).stdout

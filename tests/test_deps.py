@@ -6,9 +6,10 @@ their sources with `ast` (never by importing them): every `import` and `from ...
 inside functions too; `from alignflow.x import y` imports the module alignflow.x.y when there is one; a module's
 packages (their __init__.py) run before it. Each of those files must lie under one of the stage's deps.
 
-One import is left out, in the documented allow-list COMMAND_IMPORTS: `alignflow annotate` is a command for people
-(a web page), not a DVC stage, and cli imports its module inside main() only for that command. (The other such
-command, `alignflow import-preferences`, imports alignflow.core.pairs: core code, which every stage depends on.)
+Two imports are left out, in the documented allow-list COMMAND_IMPORTS: `alignflow annotate` (a web page for people)
+and `alignflow diff` (two revisions' evaluations compared) are commands, not DVC stages, and cli imports their
+modules inside main() only for them. (The other such commands, `alignflow import-preferences` and `import-prompts`,
+import alignflow.core.pairs and alignflow.core.prompt_sets: core code, which every stage depends on.)
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ PHASES = ("data", "sft", "feedback", "reward", "align", "evaluate")
 # (importer, imported): imports that run only for a command that is not a DVC stage. Each must stay lazy (inside a
 # function): at module level every stage would run it. They are left out of the stages' closures, and are the only
 # imports of a phase module that core may hold besides cli's by-name dispatch (importlib, the STAGES strings).
-COMMAND_IMPORTS = {(CLI, "alignflow.feedback.annotate"): "alignflow annotate (a web page for people), not a stage"}
+COMMAND_IMPORTS = {(CLI, "alignflow.feedback.annotate"): "alignflow annotate (a web page for people), not a stage",
+                   (CLI, "alignflow.evaluate.diff"): "alignflow diff (two revisions' evaluations compared), not a stage"}
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,8 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
     assert set(summary["models"]) == set(MODELS) and summary["reference"] == "sft"
     report = (via_dvc / "reports/report.md").read_text()
     for name, m in summary["models"].items():  # every model's row carries the summary's numbers
-        assert f"| {name} | {m['reward_mean']:.3f} ± {m['reward_std']:.3f} |" in report
+        reward = m["reward_mean"]
+        assert f"| {name} | {reward['value']:.3f} [{reward['low']:.3f}, {reward['high']:.3f}] |" in report
     for stage in ("sft", "reward_model", *(f"align@{m}" for m in METHODS)):
         assert f"stage `{stage}`" in report
     assert "not in dvc.lock yet" not in report  # dvc repro recorded every upstream stage before the report ran

@@ -28,12 +28,17 @@ def test_reward_model_learns_a_marker_and_beats_both_baselines(rm_workdir, tiny_
 
     metrics = json.loads((rm_workdir / "metrics" / "reward_model.json").read_text())
     assert metrics["train_pairs"] + metrics["eval_pairs"] == 240 and metrics["eval_pairs"] == 48
-    assert 0.3 <= metrics["eval_baseline_longer_accuracy"] <= 0.7  # length carries no signal here
-    assert metrics["eval_accuracy_before_training"] < 0.8
-    assert metrics["eval_accuracy"] >= 0.9
-    assert metrics["eval_accuracy"] >= metrics["eval_baseline_longer_accuracy"] + 0.25
-    assert metrics["eval_accuracy"] >= metrics["eval_baseline_random_accuracy"] + 0.25
-    assert metrics["eval_mean_margin"] > 0
+    value = {k: v["value"] for k, v in metrics.items() if isinstance(v, dict) and "value" in v}  # intervals' values
+    assert 0.3 <= value["eval_baseline_longer_accuracy"] <= 0.7  # length carries no signal here
+    assert value["eval_accuracy_before_training"] < 0.8
+    assert value["eval_accuracy"] >= 0.9
+    assert value["eval_accuracy"] >= value["eval_baseline_longer_accuracy"] + 0.25
+    assert value["eval_accuracy"] >= value["eval_baseline_random_accuracy"] + 0.25
+    assert value["eval_mean_margin"] > 0
+    # with their 95% intervals: Wilson for the accuracy on 48 pairs, the paired gain over the longer answer holds
+    accuracy = metrics["eval_accuracy"]
+    assert accuracy["n"] == 48 and 0.5 < accuracy["low"] <= accuracy["value"] <= accuracy["high"] <= 1
+    assert metrics["eval_accuracy_over_longer"]["holds"] and metrics["eval_accuracy_over_longer"]["low"] > 0
 
     # the checkpoint is a plain sequence classifier: plain transformers loads it and agrees with the metrics
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -46,7 +51,7 @@ def test_reward_model_learns_a_marker_and_beats_both_baselines(rm_workdir, tiny_
     assert good > bad
     plotted = json.loads((rm_workdir / "plots" / "reward_model" / "rewards.json").read_text())
     assert len(plotted) == 48
-    assert sum(p["chosen"] > p["rejected"] for p in plotted) / 48 == pytest.approx(metrics["eval_accuracy"])
+    assert sum(p["chosen"] > p["rejected"] for p in plotted) / 48 == pytest.approx(value["eval_accuracy"])
     assert (rm_workdir / "plots" / "reward_model" / "reward_distributions.png").read_bytes()[:4] == b"\x89PNG"
     assert (rm_workdir / "dvclive" / "reward_model" / "plots" / "metrics").is_dir()
 
