@@ -43,7 +43,7 @@ from alignflow.core.io import InputError, atomic_path, dump_json, dump_jsonl, re
 from alignflow.core.judges import PairwiseJudge, judge_pairs, judged_refusals, pairwise_judge, rules_pair
 from alignflow.core.params import Params
 from alignflow.core.refusal import is_refusal
-from alignflow.core.stats import mean_interval, paired_difference, paired_perplexity_ratio, proportion, wilson
+from alignflow.core.stats import holds, mean_interval, paired_difference, paired_perplexity_ratio, proportion, wilson
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def win_rates(outcomes: list[str], seed: int) -> dict[str, Any]:
         raise ValueError(f"unknown outcomes: {sorted(set(counts) - {'win', 'tie', 'loss'})}")
     n, decided = len(outcomes), counts["win"] + counts["loss"]
     net = mean_interval([{"win": 1, "tie": 0, "loss": -1}[o] for o in outcomes], seed)
-    net["holds"] = net["n"] > 1 and (net["low"] > 0 or net["high"] < 0)
+    net["holds"] = net["n"] > 1 and holds(net)
     return {"win_rate": wilson(counts["win"], n), "tie_rate": wilson(counts["tie"], n), "loss_rate": wilson(counts["loss"], n),
             "win_rate_without_ties": wilson(counts["win"], decided), "net_win_rate": net, "comparisons": n}
 

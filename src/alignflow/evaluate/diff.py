@@ -26,7 +26,8 @@ from typing import Any
 
 from alignflow.core.io import InputError, atomic_path, dump_json
 from alignflow.core.params import Params
-from alignflow.core.stats import paired_difference, paired_perplexity_ratio, unpaired_difference
+from alignflow.core.stats import paired_perplexity_ratio, unpaired_difference
+from alignflow.evaluate.compare import paired_differences
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +53,9 @@ def rows_at(rev: str, path: str) -> list[dict[str, Any]] | None:
 
 def model_differences(old: list[dict], new: list[dict], old_texts: list[dict] | None, new_texts: list[dict] | None,
                       seed: int) -> dict[str, Any]:
-    """NEW minus OLD on the same prompts (paired), and the perplexity ratio on the same texts."""
-    by_id = {r["id"]: r for r in old}
-    result: dict[str, Any] = {"paired": True, "prompts": len(new)}
-
-    def diff(key: str, rows: list[dict]) -> dict[str, Any]:
-        return paired_difference([float(r[key]) for r in rows], [float(by_id[r["id"]][key]) for r in rows], seed)
-
-    result["reward"] = diff("reward", new)
-    for category in sorted({r["category"] for r in new}):
-        result[f"{category}_refusal_rate"] = diff("refused", [r for r in new if r["category"] == category])
-    result["over_refusal_rate"] = diff("refused", [r for r in new if not r["harmful"]])
-    result["response_tokens"] = diff("response_tokens", new)
+    """NEW minus OLD on the same prompts (compare's paired differences, OLD as the reference), and the perplexity
+    ratio on the same texts."""
+    result: dict[str, Any] = {"paired": True, "prompts": len(new), **paired_differences(new, old, seed)}
     if old_texts and new_texts and [t["text"] for t in old_texts] == [t["text"] for t in new_texts]:
         result["perplexity_ratio"] = paired_perplexity_ratio(([t["nll"] for t in new_texts], [t["tokens"] for t in new_texts]),
                                                              ([t["nll"] for t in old_texts], [t["tokens"] for t in old_texts]), seed)

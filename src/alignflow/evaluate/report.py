@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from alignflow.core import stats
 from alignflow.core.io import InputError, atomic_path, read_jsonl
 from alignflow.core.params import Params
 
@@ -44,9 +45,7 @@ BARS = {"harmful_refusal_gain": 0.30,
 def fmt(value: Any, digits: int = 3) -> str:
     """A number, or an interval {value, low, high} as `value [low, high]`."""
     if isinstance(value, dict):
-        if value.get("value") is None:
-            return "n/a"
-        return f"{value['value']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
+        return stats.fmt(value, digits)
     if value is None:
         return "n/a"
     if isinstance(value, float):
