@@ -15,9 +15,12 @@ from alignflow.sft import sft
 from conftest import alignflow, tiny_params, write_params
 
 METHODS = ["full", "lora", "qlora", "prefix", "adapter"]
-def sft_params(directory, tiny_model_dir, **sft_overrides):
+
+
+def sft_params(directory, tiny_model_dir, precision="auto", **sft_overrides):
     params = tiny_params(tiny_model_dir)
     params["sft"].update(epochs=2, batch_size=4, **sft_overrides)
+    params["distributed"]["mixed_precision"] = precision
     return load_params(write_params(directory, params))
 
 
@@ -62,7 +65,8 @@ def test_method_lowers_eval_loss_and_trains_only_its_parameters(method, sft_dir,
 
 
 def test_lora_merged_logits_equal_base_plus_adapter(sft_dir, tiny_model_dir):
-    params = sft_params(sft_dir, tiny_model_dir, method="lora", learning_rate=3e-2)
+    # fp32: under bf16, accelerate wraps the trained model's forward in autocast, which the merged model's lacks
+    params = sft_params(sft_dir, tiny_model_dir, precision="no", method="lora", learning_rate=3e-2)
     model, trainer = build(params)
     trainer.train()
     ids = torch.tensor([[1, 520, 2341, 30, 881, 17]])
@@ -71,6 +75,21 @@ def test_lora_merged_logits_equal_base_plus_adapter(sft_dir, tiny_model_dir):
         with_adapter = model(input_ids=ids).logits
         merged = model.merge_and_unload()(input_ids=ids).logits
     torch.testing.assert_close(merged, with_adapter, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("setting", ["no", "bf16"])
+def test_mixed_precision_reaches_the_trainer(setting, sft_dir, tiny_model_dir):
+    """distributed.mixed_precision: bf16 runs the Trainer's forward in bf16 autocast over fp32 weights; no stays fp32."""
+    raw = tiny_params(tiny_model_dir)
+    raw["sft"].update(epochs=1, batch_size=4, method="lora")
+    raw["distributed"]["mixed_precision"] = setting
+    model, trainer = build(load_params(write_params(sft_dir, raw)))
+    assert trainer.args.bf16 is (setting == "bf16")
+    linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with trainer.accelerator.autocast():
+        out = linear(torch.randn(2, linear.in_features))
+    assert out.dtype == (torch.bfloat16 if setting == "bf16" else torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_qlora_is_4bit_nf4_and_smaller_than_lora(sft_dir, tiny_model_dir):

@@ -63,6 +63,18 @@ def pick_device_dtype(dtype: str = "auto") -> tuple[str, Any]:
     return device, getattr(torch, dtype)
 
 
+def use_bf16(setting: str, device: str) -> bool:
+    """distributed.mixed_precision: train in bf16 autocast? auto = where the hardware computes bf16: CUDA (Ampere or
+    newer), or a CPU with AVX512-BF16 / AMX (oneDNN's check); elsewhere bf16 is emulated and slower than fp32."""
+    import torch
+
+    if setting != "auto":
+        return setting == "bf16"
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def load_tokenizer(source: Source):
     from transformers import AutoTokenizer
 

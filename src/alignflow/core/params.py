@@ -106,6 +106,7 @@ class DistributedParams:
 
     accelerate_config: str  # ddp | zero2 | zero3 | fsdp: workflow/accelerate/<name>.yaml
     num_processes: int | str  # "auto" (the visible CUDA GPUs, 1 without CUDA) or a count
+    mixed_precision: str  # auto (bf16 where the hardware computes it: CUDA, a CPU with AVX512-BF16 / AMX) | bf16 | no
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 from alignflow.core.checkpoints import HF_MARKER, hf_callbacks, open_checkpoints, whole_run_train_loss
 from alignflow.core.io import InputError
 from alignflow.core.launch import per_device_batch, world_size
-from alignflow.core.models import Source, load_tokenizer, pick_device_dtype
+from alignflow.core.models import Source, load_tokenizer, pick_device_dtype, use_bf16
 from alignflow.core.params import LoraParams, Params, TrainingParams
 
 
@@ -70,6 +70,7 @@ class TrainingRun:
     def __init__(self, params: Params, section: str, inputs: Iterable[str | Path], marker: str = HF_MARKER):
         self.params, self.section = params, section
         self.device, self.dtype = pick_device_dtype()
+        self.bf16 = use_bf16(params.distributed.mixed_precision, self.device)
         self.wall = 0.0
         torch.manual_seed(params.seed)  # everything random from here on (new weights, LoRA init) follows the seed
         self.checkpoints = open_checkpoints(params, section, inputs, marker)
@@ -91,11 +92,15 @@ class TrainingRun:
             per_device_eval_batch_size=cfg.batch_size,  # evaluation: the same batches as one process, so the same eval loss
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, eval_strategy="epoch", logging_steps=1,
             save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, report_to="none",
-            seed=self.params.seed, data_seed=self.params.seed, use_cpu=self.device == "cpu", bf16=self.device == "cuda",
+            seed=self.params.seed, data_seed=self.params.seed, use_cpu=self.device == "cpu", bf16=self.bf16,
             dataloader_num_workers=0,
             activation_checkpointing=False,  # TRL turns it on by default; it drops the past key values prefix tuning feeds
         )
         return {**arguments, **extra}
+
+    def autocast(self):
+        """The training precision for a loop of our own (PPO): bf16 autocast when `self.bf16`, as the Trainer does."""
+        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16)
 
     def callbacks(self) -> list:
         """DVCLive curves (continued from the checkpoint when resuming) and their copy in every checkpoint."""
@@ -118,6 +123,7 @@ class TrainingRun:
     def metrics(self) -> dict[str, Any]:
         """What every training stage reports about its run."""
         return {"wall_seconds": self.wall, **peak_memory(self.device), "device": self.device, "processes": world_size(),
+                "precision": "bf16 autocast" if self.bf16 else str(self.dtype).removeprefix("torch."),
                 "resumed_from_step": self.checkpoints.resumed_from_step}
 
     def finish(self) -> None:

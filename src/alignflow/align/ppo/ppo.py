@@ -144,7 +144,8 @@ def run(params: Params) -> str | None:
                 batch = [prompt_ids(m) for m in train_prompts]
                 order.shuffle(batch)
                 pool.extend(batch)
-            stats = trainer.step(pool[: cfg.batch_size])
+            with run.autocast():
+                stats = trainer.step(pool[: cfg.batch_size])
             pool = pool[cfg.batch_size :]
             history.append(stats)
             for key, value in stats.items():
