@@ -229,6 +229,8 @@ def test_evaluate_compare_report(eval_workdir, tiny_model_dir):
     # the first screen says what the run shows and what it does not, for dpo (the one alignment method here)
     head = report.split("## Every model, every metric")[0]
     assert "## What this run shows" in head and "## What it does not show" in head and "**dpo** refuses" in head
+    added = {k: 0.0 - summary["models"]["base"]["vs_reference"]["harmful_refusal_rate"][k] for k in ("value", "low", "high")}
+    assert f"**SFT** refuses {added['value']:+.2f} [{added['high']:+.2f}, {added['low']:+.2f}] more of the held-out harmful" in head
     assert f"{interval(summary['refusal_detector']['accuracy_all'], 3)} on {summary['refusal_detector']['examples']}" in report
     for png in ("win_rates.png", "rewards.png", "refusal.png"):
         assert f"(../plots/evaluation/{png})" in report

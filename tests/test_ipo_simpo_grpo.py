@@ -43,7 +43,10 @@ def test_ipo_and_simpo_raise_the_held_out_margin(method, margin_key, rise, chang
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((pairs_workdir / "metrics" / f"{method}.json").read_text())
     assert metrics[margin_key] > metrics[margin_key + "_before"] + rise, {k: v for k, v in metrics.items() if "eval" in k}
-    assert metrics["headline"]["after"] == metrics[margin_key]
+    head = metrics["headline"]  # pair by pair: means equal to the batch's, with intervals and the paired change
+    assert head["after"]["value"] == pytest.approx(metrics[margin_key], abs=1e-6) and head["after"]["n"] == metrics["eval_pairs"]
+    assert head["change"]["value"] == pytest.approx(metrics[margin_key] - metrics[margin_key + "_before"], abs=1e-6)
+    assert head["change"]["low"] > 0 and head["change"]["holds"]
     accuracy = "eval_preference_accuracy" if method == "ipo" else "eval_reward_accuracy"
     assert metrics[accuracy] >= 0.6, metrics[accuracy]
     assert metrics["model_copies"] == (2 if method == "ipo" else 1)  # full IPO holds a frozen reference; SimPO has none

@@ -145,6 +145,8 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
         aligned = json.loads((via_dvc / f"metrics/{method}.json").read_text())
         assert aligned["wall_seconds"] > 0 and aligned["peak_memory_mb"] > 0 and aligned["model_copies"] >= 1
         assert (via_dvc / f"models/aligned/{method}/model.safetensors").is_file()
+        change = aligned["headline"]["change"]  # the report's cost table: before, after and the paired change, with intervals
+        assert change["n"] == aligned["headline"]["after"]["n"] and change["low"] <= change["value"] <= change["high"]
     summary = json.loads((via_dvc / "metrics/evaluation.json").read_text())
     assert set(summary["models"]) == set(MODELS) and summary["reference"] == "sft"
     report = (via_dvc / "reports/report.md").read_text()
@@ -154,6 +156,10 @@ def test_both_drivers_same_outputs_and_recorded_in_dvc(pipelines):
     for stage in ("sft", "reward_model", *(f"align@{m}" for m in METHODS)):
         assert f"stage `{stage}`" in report
     assert "not in dvc.lock yet" not in report  # dvc repro recorded every upstream stage before the report ran
+    for method in METHODS:
+        change = json.loads((via_dvc / f"metrics/{method}.json").read_text())["headline"]["change"]
+        row = next(line for line in report.split("## What training cost")[1].splitlines() if line.startswith(f"| {method} |"))
+        assert f"paired change {change['value']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}]" in row
 
 
 def tree_digests(root) -> dict[str, str]:

@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 
 from alignflow.align.methods import load, method
-from alignflow.align.policy import load_policy, save, start_path, train_and_eval_prompts
+from alignflow.align.policy import headline, load_policy, save, start_path, train_and_eval_prompts
 from alignflow.core.io import InputError, read_jsonl
 from alignflow.core.judges import request_text, rule_checks, rule_score
 from alignflow.core.models import Source, load_tokenizer
 from alignflow.core.params import Params
 from alignflow.core.reward import conversation_ids, score
+from alignflow.core.stats import fmt
 from alignflow.core.training import TrainingRun, lora_config
 
 log = logging.getLogger(__name__)
@@ -97,24 +98,26 @@ def run(params: Params) -> str | None:
     trainer = load(entry.trainer)(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=run.callbacks())
 
-    def held_out_reward() -> float:
+    def held_out_rewards() -> list[float]:
         answers = greedy(trainer.model, tokenizer, eval_prompts, cfg.max_new_tokens)
-        scores = reward([r["prompt"] for r in eval_rows], [[{"role": "assistant", "content": a}] for a in answers],
-                        harmful=[r["harmful"] for r in eval_rows])
-        return sum(scores) / len(scores)
+        return reward([r["prompt"] for r in eval_rows], [[{"role": "assistant", "content": a}] for a in answers],
+                      harmful=[r["harmful"] for r in eval_rows])
 
-    before = held_out_reward()
+    rewards_before = held_out_rewards()
     train_loss = run.train(trainer)
-    after = held_out_reward()
+    rewards_after = held_out_rewards()
+    before, after = sum(rewards_before) / len(rewards_before), sum(rewards_after) / len(rewards_after)
+    head = headline("held-out reward", rewards_before, rewards_after, params.seed)
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     save(params, run, "grpo", start, trainer.model, tokenizer, {
         "eval_reward_before": before, "eval_reward": after,
-        "headline": {"label": "held-out reward", "before": before, "after": after},
+        "headline": head,
         "train_loss": train_loss, "train_reward_first": rewards[0] if rewards else None,
         "train_reward_last": rewards[-1] if rewards else None, "reward": cfg.reward, **entry.options(cfg),
         "train_prompts": len(train_prompts), "eval_prompts": len(eval_prompts), "steps": trainer.state.global_step,
         # policy (+ the reference: the adapter disabled with LoRA) + the reward model
         "model_copies": (1 if cfg.method == "lora" or cfg.beta == 0 else 2) + (cfg.reward == "reward_model"),
     })
-    return (f"wrote {Path(params.paths.aligned) / 'grpo'}: held-out reward {before:.3f} -> {after:.3f} ({cfg.reward}), "
+    return (f"wrote {Path(params.paths.aligned) / 'grpo'}: held-out reward {before:.3f} -> {after:.3f} ({cfg.reward}; "
+            f"paired change {fmt(head['change'])}), "
             f"{trainer.state.global_step} steps")

@@ -4,7 +4,7 @@ Reads:  the model the method starts from (`paths.sft_model`, or `paths.base_mode
         or an SFT LoRA adapter, merged into a plain causal LM.
 Writes: `<paths.aligned>/<method>/`: a plain causal-LM checkpoint (LoRA merged in) with the tokenizer and
         `alignflow_model.json`, so `AutoModelForCausalLM.from_pretrained` loads it; `<paths.metrics>/<method>.json`
-        with the method's held-out numbers, a `headline` (label, before, after) the report shows, and the run's cost.
+        with the method's held-out numbers, a `headline` (label, before, after, change: intervals) the report shows, and the run's cost.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from alignflow.core.launch import is_main_process
 from alignflow.core.models import load_for_inference
 from alignflow.core.pairs import load_preference_splits
 from alignflow.core.params import Params
+from alignflow.core.stats import mean_interval, paired_difference
 from alignflow.core.training import TrainingRun, chat_tokenizer
 
 
@@ -40,6 +41,13 @@ def reference(trainer):
             yield model
     else:
         yield trainer.ref_model
+
+
+def headline(label: str, before: list[float], after: list[float], seed: int) -> dict[str, Any]:
+    """The number the report shows for a method: its held-out values item by item (eval pairs or prompts) before and
+    after training, each mean with its 95% interval, and the paired change (after minus before, item by item)."""
+    return {"label": label, "before": mean_interval(before, seed), "after": mean_interval(after, seed),
+            "change": paired_difference(after, before, seed)}
 
 
 def save(params: Params, run: TrainingRun, method: str, start: str, model, tokenizer, metrics: dict[str, Any]) -> None:

@@ -8,22 +8,24 @@ Writes: see alignflow.align.policy: `<paths.aligned>/<method>/`, `<paths.metrics
 
 With `method: lora` the policy is a LoRA adapter on the starting model, and the reference (DPO, IPO) is the same
 weights with the adapter disabled, so one copy is held. Held-out metrics, before and after training, use the
-formulas of the method's entry in alignflow.align.methods on the eval pairs' log-probs.
+formulas of the method's entry in alignflow.align.methods on the eval pairs' log-probs; the headline the report
+shows is also computed pair by pair, for its 95% intervals and the paired change (alignflow.core.stats).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from alignflow.align.logprobs import response_logps
 from alignflow.align.methods import Method, load
-from alignflow.align.policy import load_policy, reference, save, start_path
+from alignflow.align.policy import headline, load_policy, reference, save, start_path
 from alignflow.core.pairs import load_preference_splits
 from alignflow.core.params import Params
+from alignflow.core.stats import fmt
 from alignflow.core.training import TrainingRun, lora_config
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,18 @@ def held_out_logps(trainer, tokenizer, split, with_reference: bool) -> HeldOutLo
     return logps
 
 
+def pair(logps: HeldOutLogps, i: int) -> HeldOutLogps:
+    """The log-probs of eval pair i alone."""
+    return HeldOutLogps(**{f.name: None if getattr(logps, f.name) is None else getattr(logps, f.name)[i : i + 1]
+                           for f in fields(HeldOutLogps)})
+
+
+def per_pair(method: Method, cfg, logps: HeldOutLogps) -> list[float]:
+    """The method's headline metric (a mean over the eval pairs) of each eval pair alone."""
+    key = method.headline[0]
+    return [method.held_out(pair(logps, i), cfg)[key] for i in range(len(logps.pi_chosen))]
+
+
 def run(params: Params, method: Method) -> str | None:
     cfg = getattr(params, method.name)
     start = start_path(params, method.start_from)
@@ -64,18 +78,17 @@ def run(params: Params, method: Method) -> str | None:
     trainer = load(method.trainer)(model=model, args=args, train_dataset=train.dataset, eval_dataset=held_out.dataset,
                                    processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=run.callbacks())
 
-    def measure() -> dict[str, float]:
-        return method.held_out(held_out_logps(trainer, tokenizer, held_out, method.reference), cfg)
-
-    before = measure()
+    logps_before = held_out_logps(trainer, tokenizer, held_out, method.reference)
     train_loss = run.train(trainer)
-    after = measure()
-    key, label = method.headline
+    logps_after = held_out_logps(trainer, tokenizer, held_out, method.reference)
+    before, after = method.held_out(logps_before, cfg), method.held_out(logps_after, cfg)
+    head = headline(method.headline[1], per_pair(method, cfg, logps_before), per_pair(method, cfg, logps_after), params.seed)
     copies = 2 if method.reference and cfg.method != "lora" else 1  # a frozen reference copy only for full fine-tuning
     save(params, run, method.name, start, trainer.model, tokenizer, {
         **{f"eval_{k}": v for k, v in after.items()}, **{f"eval_{k}_before": v for k, v in before.items()},
-        "headline": {"label": label, "before": before[key], "after": after[key]},
+        "headline": head,
         "train_loss": train_loss, **method.options(cfg), "train_pairs": len(train.prompts),
         "eval_pairs": len(held_out.prompts), "model_copies": copies,
     })
-    return f"wrote {Path(params.paths.aligned) / method.name}: {label} {before[key]:.4f} -> {after[key]:.4f}"
+    return (f"wrote {Path(params.paths.aligned) / method.name}: {head['label']} {fmt(head['before'])} -> {fmt(head['after'])} "
+            f"(paired change {fmt(head['change'])})")

@@ -27,8 +27,9 @@ from alignflow.core.params import Params
 log = logging.getLogger(__name__)
 
 TRAINING = {  # the stages before alignment -> (metrics file, what to show beside its cost); each alignment method's
-    # metrics carry their own `headline` (label, before, after), so a new method needs no line here
-    "sft": ("sft.json", [("eval_loss_before", "held-out loss before"), ("eval_loss", "after")]),
+    # metrics carry their own `headline` (label, before, after, change), so a new method needs no line here
+    "sft": ("sft.json", [("eval_loss_before", "held-out loss before"), ("eval_loss", "after"),
+                         ("eval_loss_change", "paired change per example")]),
     "reward_model": ("reward_model.json", [("eval_accuracy_before_training", "held-out accuracy before"), ("eval_accuracy", "after")]),
 }
 
@@ -60,6 +61,13 @@ def signed(diff: dict[str, Any], digits: int = 2) -> str:
     return f"{diff['value']:+.{digits}f} [{diff['low']:+.{digits}f}, {diff['high']:+.{digits}f}]"
 
 
+def negated(diff: dict[str, Any]) -> dict[str, Any]:
+    """A paired difference A - B as B - A."""
+    if diff.get("value") is None:
+        return diff
+    return {**diff, "value": 0.0 - diff["value"], "low": 0.0 - diff["high"], "high": 0.0 - diff["low"]}  # 0.0 - 0.0 is +0.0
+
+
 def findings(result: dict[str, Any], metrics_dir: Path, methods: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """What the run shows and what it does not, one sentence per stage: (shows, does not show)."""
     shows, not_shown = [], []
@@ -74,6 +82,13 @@ def findings(result: dict[str, Any], metrics_dir: Path, methods: tuple[str, ...]
             fell = change["high"] < 0
             say(fell, f"**SFT** {'lowered' if fell else 'did not lower'} the held-out loss beyond noise: "
                       f"{signed(change, 3)} per example over {change['n']} held-out examples (after minus before, paired).")
+    base = result["models"].get("base", {}).get("vs_reference", {})
+    if base.get("harmful_refusal_rate", {}).get("value") is not None:  # base minus SFT, turned round: what SFT added
+        harmful, alarming = negated(base["harmful_refusal_rate"]), negated(base["benign_alarming_refusal_rate"])
+        say(harmful["low"] > 0,
+            f"**SFT** refuses {signed(harmful)} more of the held-out harmful prompts than the base model and "
+            f"{signed(alarming)} more of the alarming-but-benign ones (paired by prompt): the demonstrations' refusals "
+            f"{'carry' if harmful['low'] > 0 else 'do not carry'} over to prompts it never saw.")
     rm_file = metrics_dir / "reward_model.json"
     if rm_file.is_file():
         rm = json.loads(rm_file.read_text())
@@ -167,6 +182,8 @@ def cost_table(metrics_dir: Path, methods: tuple[str, ...]) -> list[str]:
         if shown is None:
             head = m.get("headline", {})
             result = f"{head.get('label', 'result')} before {fmt(head.get('before'))}, after {fmt(head.get('after'))}"
+            if head.get("change"):
+                result += f", paired change {signed(head['change'], 3)}"
         else:
             result = ", ".join(f"{label} {fmt(m.get(key))}" for key, label in shown)
         rows.append(f"| {stage} | {m['wall_seconds'] / 60:.1f} min | {m['peak_memory_mb'] / 1024:.1f} GB "

@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
-from alignflow.align.policy import load_policy, save, start_path, train_and_eval_prompts
+from alignflow.align.policy import headline, load_policy, save, start_path, train_and_eval_prompts
 from alignflow.align.ppo.ppo_config import PPOConfig
 from alignflow.core.checkpoints import open_live, restore_rng_states, rng_states, snapshot_curves, write_checkpoint
 from alignflow.core.io import InputError
 from alignflow.core.models import Source, load_tokenizer
 from alignflow.core.params import Params
 from alignflow.core.reward import conversation_ids, score
+from alignflow.core.stats import fmt
 from alignflow.core.training import TrainingRun, lora_config
 
 log = logging.getLogger(__name__)
@@ -111,13 +112,13 @@ def run(params: Params) -> str | None:
 
     eval_ids = [prompt_ids(m) for m in eval_prompts]
 
-    def held_out_reward() -> float:
+    def held_out_rewards() -> list[float]:
         torch.manual_seed(params.seed)  # the same draw before and after
-        return trainer.rollout(eval_ids).scores.mean().item()
+        return trainer.rollout(eval_ids).scores.tolist()
 
     from tqdm import tqdm
 
-    before = held_out_reward()
+    rewards_before = held_out_rewards()
     order = random.Random(params.seed)
     pool: list[list[int]] = []
     history = []
@@ -156,11 +157,13 @@ def run(params: Params) -> str | None:
                      stats["approx_kl"], stats["response_length"])
             if (iteration + 1) % cfg.save_every == 0 and iteration + 1 < cfg.iterations:
                 write_checkpoint(checkpoints.run_dir, iteration + 1, lambda tmp: write_state(tmp, iteration + 1))
-    after = held_out_reward()
+    rewards_after = held_out_rewards()
+    before, after = sum(rewards_before) / len(rewards_before), sum(rewards_after) / len(rewards_after)
+    head = headline("held-out reward", rewards_before, rewards_after, params.seed)
     first, last = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4) :]
     save(params, run, "ppo", start, policy, tokenizer, {
         "eval_reward_before": before, "eval_reward": after,
-        "headline": {"label": "held-out reward", "before": before, "after": after},
+        "headline": head,
         "train_reward_first_quarter": sum(h["reward"] for h in first) / len(first),
         "train_reward_last_quarter": sum(h["reward"] for h in last) / len(last),
         "final_kl": history[-1]["kl"], "final_beta": history[-1]["beta"], "iterations": cfg.iterations,
@@ -169,4 +172,5 @@ def run(params: Params) -> str | None:
         # policy + reference (0 extra with LoRA) + reward model + value model
         "model_copies": (3 if cfg.method == "lora" else 4),
     })
-    return f"wrote {Path(params.paths.aligned) / 'ppo'}: held-out reward {before:.3f} -> {after:.3f} in {cfg.iterations} iterations"
+    return (f"wrote {Path(params.paths.aligned) / 'ppo'}: held-out reward {before:.3f} -> {after:.3f} (paired change "
+            f"{fmt(head['change'])}) in {cfg.iterations} iterations")
