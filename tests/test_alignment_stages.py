@@ -19,6 +19,11 @@ def test_ppo_stage_writes_a_loadable_policy_metrics_and_curves(aligned_workdir, 
     assert metrics["iterations"] == 2 and metrics["model_copies"] == 3 and metrics["wall_seconds"] > 0
     assert {"eval_reward_before", "eval_reward", "final_kl", "peak_memory_mb"} <= metrics.keys()
     curves = (aligned_workdir / "dvclive" / "ppo" / "plots" / "metrics")
+    # fp32 even where the other stages take bf16 (this CPU): in bf16 the updates' log-prob changes round away and
+    # the ratio stays exactly 1 (approximate KL 0.0, nothing clipped)
+    assert metrics["precision"] == "float32"
+    approx_kl = [float(line.split("\t")[1]) for line in (curves / "approx_kl.tsv").read_text().splitlines()[1:]]
+    assert len(approx_kl) == 2 and all(kl > 0 for kl in approx_kl), approx_kl
     for name in ("reward", "kl", "entropy", "clip_fraction", "value_loss", "approx_kl", "response_length"):
         assert len((curves / f"{name}.tsv").read_text().splitlines()) == 3, name  # header + 2 iterations
     from transformers import AutoModelForCausalLM
