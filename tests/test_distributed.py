@@ -38,6 +38,9 @@ def run(stage: str, directory, params: dict, processes) -> tuple[dict, str, str]
     """`alignflow <stage>` with distributed.num_processes = processes: (metrics, stderr, the stage's log file)."""
     params = copy.deepcopy(params)
     params["distributed"]["num_processes"] = processes
+    # fp32: the two-process run splits each batch, and bf16 autocast rounds the halves' sums differently from the
+    # whole batch's, beyond the tolerances these equivalence checks hold (measured: the clean-clone CI run failed)
+    params["distributed"]["mixed_precision"] = "no"
     write_params(directory, params)
     shutil.copytree(CONFIGS, directory / "workflow" / "accelerate", dirs_exist_ok=True)
     result = alignflow(stage, directory, own_process=processes == 2)  # the ranks print to the real stderr
