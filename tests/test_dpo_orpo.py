@@ -67,6 +67,9 @@ def test_dpo_and_orpo_raise_the_held_out_margin(method, margin_key, rise, pairs_
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((pairs_workdir / "metrics" / f"{method}.json").read_text())
     assert metrics[margin_key] > metrics[margin_key + "_before"] + rise, {k: v for k, v in metrics.items() if "eval" in k}
+    if method == "dpo":  # dpo.sft_weight (default 1): TRL adds the chosen response's NLL, which raises its likelihood
+        assert metrics["loss_type"] == ["sigmoid", "sft"] and metrics["loss_weights"] == [1.0, params["dpo"]["sft_weight"]]
+        assert metrics["eval_chosen_reward"] > 0, metrics["eval_chosen_reward"]  # beta * (log pi - log ref) on chosen
     accuracy = "eval_reward_accuracy" if method == "dpo" else "eval_preference_accuracy"
     assert metrics[accuracy] >= 0.6, metrics[accuracy]
     assert metrics["wall_seconds"] > 0 and metrics["peak_memory_mb"] > 0 and metrics["model_copies"] >= 1

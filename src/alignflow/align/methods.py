@@ -73,6 +73,12 @@ def simpo_metrics(chosen_mean_logps, rejected_mean_logps, beta: float, gamma: fl
             "rejected_reward": rejected.mean().item()}
 
 
+def with_nll_on_chosen(weight: float) -> dict[str, Any]:
+    """DPO plus `weight` times the NLL of the chosen response (RPO, Pang et al., 2024: the term keeps DPO from lowering
+    the chosen response's likelihood along with the rejected one's); TRL sums its listed losses with these weights."""
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, weight]} if weight > 0 else {}
+
+
 # --- the table ---
 
 
@@ -98,7 +104,7 @@ METHODS = {m.name: m for m in (
                               "temperature": c.temperature, "beta": c.beta},
            headline=("eval_reward", "held-out reward")),
     Method("dpo", "sft", "pairs", "trl:DPOTrainer", "trl:DPOConfig",
-           options=lambda c: {"beta": c.beta, "max_length": c.max_length},
+           options=lambda c: {"beta": c.beta, "max_length": c.max_length, **with_nll_on_chosen(c.sft_weight)},
            held_out=lambda h, c: dpo_metrics(h.pi_chosen, h.pi_rejected, h.ref_chosen, h.ref_rejected, c.beta),
            reference=True, headline=("reward_margin", "held-out margin")),
     Method("ipo", "sft", "pairs", "trl:DPOTrainer", "trl:DPOConfig",

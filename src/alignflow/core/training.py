@@ -67,10 +67,12 @@ class TrainingRun:
     """One training stage's run of params section `section`: device and dtype, the seed, the checkpoints to resume
     from (keyed by the section, the seed and `inputs`), the DVCLive curves, the timed training and its metrics."""
 
-    def __init__(self, params: Params, section: str, inputs: Iterable[str | Path], marker: str = HF_MARKER):
+    def __init__(self, params: Params, section: str, inputs: Iterable[str | Path], marker: str = HF_MARKER,
+                 mixed_precision: bool = True):
+        """`mixed_precision=False`: this stage trains in full precision whatever distributed.mixed_precision says."""
         self.params, self.section = params, section
         self.device, self.dtype = pick_device_dtype()
-        self.bf16 = use_bf16(params.distributed.mixed_precision, self.device)
+        self.bf16 = mixed_precision and use_bf16(params.distributed.mixed_precision, self.device)
         self.wall = 0.0
         torch.manual_seed(params.seed)  # everything random from here on (new weights, LoRA init) follows the seed
         self.checkpoints = open_checkpoints(params, section, inputs, marker)
@@ -97,10 +99,6 @@ class TrainingRun:
             activation_checkpointing=False,  # TRL turns it on by default; it drops the past key values prefix tuning feeds
         )
         return {**arguments, **extra}
-
-    def autocast(self):
-        """The training precision for a loop of our own (PPO): bf16 autocast when `self.bf16`, as the Trainer does."""
-        return torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16)
 
     def callbacks(self) -> list:
         """DVCLive curves (continued from the checkpoint when resuming) and their copy in every checkpoint."""

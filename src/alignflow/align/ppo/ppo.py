@@ -81,11 +81,10 @@ def run(params: Params) -> str | None:
     if not (Path(paths.reward_model) / "config.json").is_file():
         raise InputError(f"{paths.reward_model}: no reward model; PPO needs one (dvc repro reward_model)")
     start = start_path(params, "sft")
-    run = TrainingRun(params, "ppo", [paths.pairs, start, paths.reward_model], marker=STATE_FILE)
     # fp32 whatever distributed.mixed_precision says: PPO's ratio compares a token's log-prob before and after a few
     # small updates, and in bf16 autocast the difference rounds away (measured on the default run: approximate KL and
     # clip fraction exactly 0 in every iteration, so the clipped objective never clipped)
-    run.bf16 = False
+    run = TrainingRun(params, "ppo", [paths.pairs, start, paths.reward_model], marker=STATE_FILE, mixed_precision=False)
     train_prompts, eval_prompts = train_and_eval_prompts(paths.pairs)
 
     policy, tokenizer = load_policy(run, start)
