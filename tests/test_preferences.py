@@ -148,7 +148,8 @@ def read(path):
 
 def test_rules_judge_stage(workdir, tiny_model_dir):
     samples_file(workdir / "data" / "preferences" / "samples.jsonl")
-    write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="rules", preferences__eval_fraction=0.34))
+    write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="rules", preferences__eval_fraction=0.34,
+                                      preferences__max_pairs_per_prompt=None))
     result = alignflow("preferences", workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     pairs = read(workdir / "data" / "preferences" / "pairs.jsonl")
@@ -175,6 +176,25 @@ def test_rules_judge_stage(workdir, tiny_model_dir):
     assert metrics["prompts_with_refusal_and_answer_harmful"] >= 1
 
 
+def test_max_pairs_per_prompt_keeps_the_widest_gap(workdir, tiny_model_dir):
+    """One pair per prompt (the default): the rules judge's widest score gap, the same pair on a rerun."""
+    samples_file(workdir / "data" / "preferences" / "samples.jsonl")
+    write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="rules", preferences__max_pairs_per_prompt=1))
+    assert alignflow("preferences", workdir).returncode == 0
+    path = workdir / "data" / "preferences" / "pairs.jsonl"
+    pairs, first = read(path), path.read_bytes()
+    metrics = json.loads((workdir / "metrics" / "preferences.json").read_text())
+    assert len(pairs) == len({p["prompt_id"] for p in pairs}) == metrics["pairs"] < metrics["pairs_judged"]
+    judged, prompt_of = {}, {s["prompt_id"]: s["prompt"][0]["content"] for s in read(workdir / "data" / "preferences" / "samples.jsonl")}
+    for j in read(workdir / "data" / "preferences" / "judgements.jsonl"):
+        judged.setdefault(prompt_of[j["prompt_id"]], []).append(j["score"])
+    assert len(pairs) == len(judged)  # every prompt of these samples has a better and a worse response
+    for p in pairs:  # the kept pair spans the prompt's best and worst scores
+        scores = judged[p["prompt"][0]["content"]]
+        assert (p["judge"]["scores"]["chosen"], p["judge"]["scores"]["rejected"]) == (max(scores), min(scores))
+    assert alignflow("preferences", workdir).returncode == 0 and path.read_bytes() == first
+
+
 def judge_reply(body: dict) -> str:
     """A judge server that reads the responses: the English answer wins, whichever side it is on."""
     question = body["messages"][-1]["content"]
@@ -192,7 +212,7 @@ def test_ai_judge_through_an_openai_compatible_server(workdir, tiny_model_dir):
     with openai_server(judge_reply) as url:
         write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="ai", preferences__judge_backend="openai",
                                           preferences__api_base=url, preferences__judge_model="served-judge",
-                                          preferences__tie_breaker=None))
+                                          preferences__tie_breaker=None, preferences__max_pairs_per_prompt=None))
         result = alignflow("preferences", workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     pairs = read(workdir / "data" / "preferences" / "pairs.jsonl")
@@ -207,7 +227,7 @@ def test_ai_judge_through_an_openai_compatible_server(workdir, tiny_model_dir):
 
 def test_human_judge_majority_and_bad_rankings(workdir, tiny_model_dir):
     samples_file(workdir / "data" / "preferences" / "samples.jsonl", n_prompts=2)
-    write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="human"))
+    write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="human", preferences__max_pairs_per_prompt=None))
     notes = workdir / "data" / "annotations"
     notes.mkdir(parents=True)
     rankings = [
@@ -246,9 +266,15 @@ def test_samples_stage_then_ai_judge_on_the_tiny_model(workdir, tiny_model_dir):
     path = workdir / "data" / "preferences" / "samples.jsonl"
     first = path.read_bytes()
     rows = read(path)
-    k = yaml.safe_load((workdir / "params.yaml").read_text())["samples"]["num_responses"]
-    assert len(rows) == 6 and k >= 2 and all(len(r["responses"]) == k for r in rows)
+    cfg = yaml.safe_load((workdir / "params.yaml").read_text())["samples"]
+    k, openers = cfg["num_responses"], cfg["refusal_openers"]
+    assert len(rows) == 6 and k >= 2 and all(len(r["responses"]) == k + 1 for r in rows)  # K samples + the opener's
     assert all(r["prompt"][-1]["role"] == "user" for r in rows)
+    for row in rows:  # the last response continues the refusal opener of the prompt's language, in the same turn
+        steered = row["responses"][-1]
+        lang = "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in row["prompt"][-1]["content"]) else "en"
+        assert steered["opener"] == openers[lang] and steered["text"].startswith(openers[lang])
+        assert len(steered["text"]) > len(openers[lang]) and all("opener" not in r for r in row["responses"][:-1])
     assert alignflow("samples", workdir).returncode == 0 and path.read_bytes() == first
 
     result = alignflow("preferences", workdir)

@@ -41,6 +41,15 @@ def as_messages(prompt: Prompt) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
+def render_chat(tokenizer, prompt: Prompt) -> str:
+    """The chat template's text of `prompt`, ready for the assistant's turn; messages that end with an assistant
+    message are continued from it (a prefilled opening: the model writes what follows, in the same turn)."""
+    messages = as_messages(prompt)
+    if messages[-1]["role"] == "assistant":
+        return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 class Generator(Protocol):
     def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]: ...
 
@@ -71,7 +80,7 @@ class TransformersGenerator:
             if not isinstance(prompt, str):
                 raise ValueError("chat messages need chat_template: true")
             return prompt
-        return self.tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return render_chat(self.tokenizer, prompt)
 
     def generate_ids(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, min_new_tokens: int = 0,
                      stop: list[str] | None = None) -> list[list[int]]:
@@ -162,8 +171,7 @@ class VLLMGenerator:
                 "chat_template": self.chat_template}
 
     def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
-        texts = [self.tokenizer.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
-                 if self.chat_template else p for p in prompts]
+        texts = [render_chat(self.tokenizer, p) if self.chat_template else p for p in prompts]
         sampling = [self.vllm.SamplingParams(temperature=self.temperature, top_p=self.top_p if self.temperature > 0 else 1.0,
                                              max_tokens=max_new_tokens, seed=seed + i, stop=stop or None)
                     for i in range(len(texts))]

@@ -166,6 +166,7 @@ class SamplesParams:
     max_new_tokens: int
     batch_size: int
     max_prompts: int | None
+    refusal_openers: dict[str, str] | None  # language -> the opening words of a refusal; null = no steered response
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ class PreferencesParams:
     rules_min_tokens: int
     rules_max_tokens: int
     revision_max_new_tokens: int
+    max_pairs_per_prompt: int | None  # keep the pairs of widest score gap (then a seeded draw); null = all
 
 
 @dataclass(frozen=True)

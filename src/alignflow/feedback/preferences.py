@@ -22,11 +22,13 @@ Judges (`preferences.judge`; see alignflow.core.judges):
   human         people's rankings in `paths.annotations` (`alignflow annotate rank` writes them; the format is in
                 alignflow.core.annotation_log). Several annotators: each pair goes the majority's way, an even split is a
                 tie. Agreement between annotators and with `agreement_judge` (on the same pairs) is reported.
-A ranking of K responses gives all K*(K-1)/2 pairs (InstructGPT); ties give none.
+A ranking of K responses gives all K*(K-1)/2 pairs (InstructGPT); ties give none. `max_pairs_per_prompt` then keeps
+the widest-gap pairs of each prompt, so prompts weigh alike whatever their number of responses.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -193,6 +195,21 @@ def judge_preferences(keys, by_pid, cfg: PreferencesParams, paths: PathParams, s
 JUDGES = {"ai": by_ai, "rules": by_rules, "constitution": by_constitution, "human": by_human}
 
 
+def widest_pairs(pairs: list[dict[str, Any]], cap: int, seed: int) -> list[dict[str, Any]]:
+    """At most `cap` pairs of each prompt: those whose judge scores lie furthest apart (the rules judge's score gap;
+    a judge without scores counts 0), equal gaps in a seeded order of the pair ids. The file keeps its order."""
+    def gap(pair):
+        scores = pair["judge"].get("scores") or {}
+        return scores.get("chosen", 0) - scores.get("rejected", 0)
+
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for pair in pairs:
+        by_prompt.setdefault(pair["prompt_id"], []).append(pair)
+    kept = {p["id"] for group in by_prompt.values() for p in sorted(
+        group, key=lambda p: (-gap(p), hashlib.sha256(f"{seed}\x00{p['id']}".encode()).digest()))[:cap]}
+    return [p for p in pairs if p["id"] in kept]
+
+
 def sample_mix(samples: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> dict[str, Any]:
     """Whether the samples can teach refusal: the share of the samples the refusal detector calls refusals, for
     harmful and for other prompts (Wilson intervals), how many prompts got both a refusal and an answer among their
@@ -219,6 +236,9 @@ def run(params: Params) -> str | None:
     samples = [{**s, "responses": [r for r in s["responses"] if r["text"].strip()]} for s in samples]  # a pair needs two texts
     pairs, judgements, judge_metrics = JUDGES[cfg.judge](samples, cfg, paths, params.seed)
     unique = list({p["id"]: p for p in pairs}.values())  # the same two texts twice (e.g. a repeated revision) once
+    judged_pairs = len(unique)
+    if cfg.max_pairs_per_prompt is not None:
+        unique = widest_pairs(unique, cfg.max_pairs_per_prompt, params.seed)
     if not unique:
         raise InputError(f"{paths.samples}: the {cfg.judge} judge preferred no response over another "
                          f"({judge_metrics}); use a stronger judge (README: plugging in a judge server) or more samples")
@@ -229,7 +249,7 @@ def run(params: Params) -> str | None:
     prompts_by_split = {s: len({p["prompt_id"] for p in unique if p["split"] == s}) for s in ("train", "eval")}
     metrics = {
         "judge": cfg.judge, "prompts": len(samples), "responses": sum(len(s["responses"]) for s in samples),
-        "empty_responses_skipped": empty, "pairs": len(unique), "train_pairs": split_counts["train"], "eval_pairs": split_counts["eval"],
+        "empty_responses_skipped": empty, "pairs_judged": judged_pairs, "pairs": len(unique), "train_pairs": split_counts["train"], "eval_pairs": split_counts["eval"],
         "train_prompts": prompts_by_split["train"], "eval_prompts": prompts_by_split["eval"],
         "prompts_without_pairs": len(samples) - len({p["prompt_id"] for p in unique}),
         "mean_chosen_chars": sum(len(p["chosen"]) for p in unique) / len(unique),

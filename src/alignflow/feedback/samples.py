@@ -7,10 +7,16 @@ Reads:  the prompts: `paths.prompts` (samples.prompts: file; JSONL of {"id", "pr
         "harmful", "lang"}) or the eval split of the instructions `paths.eval` (samples.prompts: eval; its
         chat messages without the answer); the SFT model `paths.sft_model` (on `paths.base_model`).
 Writes: `paths.samples`: one record per prompt {"prompt_id", "source_id", "prompt": [messages], "harmful",
-        "responses": [{"id", "text"}], "generator"}; identical responses are kept once. `<paths.metrics>/samples.json`.
+        "responses": [{"id", "text"} or {"id", "text", "opener"}], "generator"}; identical responses are kept once.
+        `<paths.metrics>/samples.json`.
 
 Sampling is batched (every prompt repeated K times, `batch_size` sequences at a time) and seeded, so the
-same params give the same file byte for byte. Kept apart from judging so that a change of judge does not
+same params give the same file byte for byte. `samples.refusal_openers` (by the prompt's language) adds one more
+response per prompt: the SFT model's own continuation of a refusal's opening words (the response keeps the opener
+in its `opener` field). A small SFT model refuses few of its samples of harmful prompts and almost none of the
+alarming-but-benign ones, so most prompts have no refusal to rank against an answer; with the opener every prompt
+has one, and the judge decides which side it falls on (RLCD, Yang et al. 2023, steers the two sides of a pair by
+prompting; a prefilled opening steers a small model more surely than an instruction does). Kept apart from judging so that a change of judge does not
 resample, and so that people can rank exactly these responses (data/annotations/).
 """
 
@@ -53,7 +59,7 @@ def read_prompt_file(path: str) -> list[dict[str, Any]]:
         if record["id"] in seen:
             raise InputError(f"{where}: field 'id': {record['id']!r} already used on line {seen[record['id']]}")
         seen[record["id"]] = line
-        prompts.append({"source_id": record["id"], "prompt": messages, "harmful": harmful})
+        prompts.append({"source_id": record["id"], "prompt": messages, "harmful": harmful, "lang": record.get("lang", "en")})
     return prompts
 
 
@@ -64,8 +70,16 @@ def read_eval_split(path: str) -> list[dict[str, Any]]:
         messages = record["messages"]
         if len(messages) < 2 or messages[-1].get("role") != "assistant":
             raise InputError(f"{path}:{line}: field 'messages': must end with an assistant message")
-        prompts.append({"source_id": record["id"], "prompt": messages[:-1], "harmful": False})
+        prompts.append({"source_id": record["id"], "prompt": messages[:-1], "harmful": False, "lang": "en"})
     return prompts
+
+
+def opener_for(openers: dict[str, str], lang: str, source: str) -> str:
+    """The refusal opener in the prompt's language."""
+    if lang not in openers:
+        raise InputError(f"{source}: a prompt in language {lang!r}, but samples.refusal_openers has only "
+                         f"{', '.join(sorted(openers))}: add an opener for {lang!r}")
+    return openers[lang]
 
 
 def response_id(pid: str, text: str) -> str:
@@ -89,6 +103,9 @@ def run(params: Params) -> str | None:
     started = time.perf_counter()
     repeated = [p["prompt"] for p in prompts for _ in range(cfg.num_responses)]
     texts = generator.generate(repeated, max_new_tokens=cfg.max_new_tokens, seed=params.seed)
+    openers = [opener_for(cfg.refusal_openers, p["lang"], source) for p in prompts] if cfg.refusal_openers else []
+    opened = generator.generate([p["prompt"] + [{"role": "assistant", "content": o}] for p, o in zip(prompts, openers)],
+                                max_new_tokens=cfg.max_new_tokens, seed=params.seed + 1) if openers else []
     wall = time.perf_counter() - started
 
     records, duplicates = [], 0
@@ -96,19 +113,28 @@ def run(params: Params) -> str | None:
         pid = prompt_id(p["prompt"])
         unique = list(dict.fromkeys(t.strip() for t in texts[i * cfg.num_responses : (i + 1) * cfg.num_responses]))
         duplicates += cfg.num_responses - len(unique)
+        responses = [{"id": response_id(pid, t), "text": t} for t in unique]
+        if openers:  # the opener and what the model wrote after it (its first token carries its own space)
+            text = (openers[i] + opened[i]).strip()
+            if text in unique:
+                duplicates += 1
+            else:
+                responses.append({"id": response_id(pid, text), "text": text, "opener": openers[i]})
         records.append({"prompt_id": pid, "source_id": p["source_id"], "prompt": p["prompt"], "harmful": p["harmful"],
-                        "responses": [{"id": response_id(pid, t), "text": t} for t in unique],
+                        "responses": responses,
                         "generator": {**generator.describe(), "temperature": cfg.temperature, "top_p": cfg.top_p,
-                                      "max_new_tokens": cfg.max_new_tokens, "seed": params.seed}})
+                                      "max_new_tokens": cfg.max_new_tokens, "seed": params.seed,
+                                      "refusal_opener_seed": params.seed + 1 if openers else None}})
     contracts.validate("samples", records, paths.samples)
-    tokens = [len(generator.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    tokens = [len(generator.tokenizer.encode(t, add_special_tokens=False)) for t in texts + opened]
     metrics = {
-        "prompts": len(records), "harmful_prompts": sum(r["harmful"] for r in records), "responses": len(texts),
+        "prompts": len(records), "harmful_prompts": sum(r["harmful"] for r in records), "responses": len(texts) + len(opened),
+        "responses_after_a_refusal_opener": len(opened),
         "duplicate_responses": duplicates, "empty_responses": sum(not t.strip() for t in texts),
         "mean_response_tokens": sum(tokens) / len(tokens), "source": source,
     }  # no timings here: a data stage's outputs are byte-identical on a rerun
     with atomic_path(paths.samples) as tmp, atomic_path(Path(paths.metrics) / "samples.json") as tmp_metrics:
         dump_jsonl(records, tmp)
         dump_json(metrics, tmp_metrics)
-    return (f"wrote {paths.samples}: {len(texts)} responses for {len(records)} prompts from {paths.sft_model} "
+    return (f"wrote {paths.samples}: {len(texts) + len(opened)} responses for {len(records)} prompts from {paths.sft_model} "
             f"({generator.describe()['backend']}, {sum(tokens) / wall:.1f} tokens/s; {duplicates} duplicates dropped)")
