@@ -243,7 +243,7 @@ def test_human_judge_reads_the_logs(annotate_dir):
     """Rankings from the annotate logs (an undone answer does not count, a stale one is left out), pairs by
     majority, agreement between annotators and with the rules judge in the metrics."""
     params = yaml.safe_load((annotate_dir / "params.yaml").read_text())
-    params["preferences"].update(judge="human", agreement_judge="rules", rules_min_tokens=4)
+    params["preferences"].update(judge="human", agreement_judge="rules", rules_min_tokens=4, max_pairs_per_prompt=None)
     write_params(annotate_dir, params)
     folder = annotate_dir / "data" / "annotations"
     folder.mkdir(parents=True)
