@@ -4,6 +4,7 @@ and the two stages run through `alignflow` on the tiny model."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 import shutil
 
 import pytest
@@ -179,7 +180,8 @@ def test_rules_judge_stage(workdir, tiny_model_dir):
 def test_max_pairs_per_prompt_keeps_the_widest_gap(workdir, tiny_model_dir):
     """One pair per prompt (the default): the rules judge's widest score gap, the same pair on a rerun."""
     samples_file(workdir / "data" / "preferences" / "samples.jsonl")
-    write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="rules", preferences__max_pairs_per_prompt=1))
+    write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="rules", preferences__max_pairs_per_prompt=1,
+                                      preferences__balance_refusals=False))
     assert alignflow("preferences", workdir).returncode == 0
     path = workdir / "data" / "preferences" / "pairs.jsonl"
     pairs, first = read(path), path.read_bytes()
@@ -192,6 +194,34 @@ def test_max_pairs_per_prompt_keeps_the_widest_gap(workdir, tiny_model_dir):
     for p in pairs:  # the kept pair spans the prompt's best and worst scores
         scores = judged[p["prompt"][0]["content"]]
         assert (p["judge"]["scores"]["chosen"], p["judge"]["scores"]["rejected"]) == (max(scores), min(scores))
+    assert alignflow("preferences", workdir).returncode == 0 and path.read_bytes() == first
+
+
+def test_balance_refusals_adds_the_scarcer_side(workdir, tiny_model_dir):
+    """One pair per prompt, then pairs of the scarcer side until as many pairs choose a refusal as reject one; every
+    capped pair stays, the added ones spread over the prompts a round at a time, and the file is the same on a rerun."""
+    samples_file(workdir / "data" / "preferences" / "samples.jsonl", n_prompts=12)
+    path, metrics_path = workdir / "data" / "preferences" / "pairs.jsonl", workdir / "metrics" / "preferences.json"
+    side = lambda p: is_refusal(p["chosen"]) - is_refusal(p["rejected"])
+    write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="rules", preferences__max_pairs_per_prompt=1,
+                                      preferences__balance_refusals=False))
+    assert alignflow("preferences", workdir).returncode == 0
+    capped = read(path)
+    counts = Counter(side(p) for p in capped)
+    assert counts[1] != counts[-1]
+    scarce = 1 if counts[1] < counts[-1] else -1
+
+    write_params(workdir, tiny_params(tiny_model_dir, preferences__judge="rules", preferences__max_pairs_per_prompt=1,
+                                      preferences__balance_refusals=True))
+    result = alignflow("preferences", workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pairs, first, metrics = read(path), path.read_bytes(), json.loads(metrics_path.read_text())
+    added = [p for p in pairs if p["id"] not in {c["id"] for c in capped}]
+    assert len(pairs) == len(capped) + len(added) and added and metrics["pairs_added_to_balance_refusals"] == len(added)
+    assert all(side(p) == scarce for p in added)
+    assert metrics["pairs_choosing_refusal"] == sum(side(p) == 1 for p in pairs) == sum(side(p) == -1 for p in pairs)
+    per_prompt = Counter(p["prompt_id"] for p in added)
+    assert len(per_prompt) == len(added) or max(per_prompt.values()) <= 1 + min(per_prompt.values())
     assert alignflow("preferences", workdir).returncode == 0 and path.read_bytes() == first
 
 

@@ -185,6 +185,7 @@ class PreferencesParams:
     rules_max_tokens: int
     revision_max_new_tokens: int
     max_pairs_per_prompt: int | None  # keep the pairs of widest score gap (then a seeded draw); null = all
+    balance_refusals: bool  # add pairs of the scarcer side until refusal-chosen and refusal-rejected pairs are equal
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ Judges (`preferences.judge`; see alignflow.core.judges):
                 alignflow.core.annotation_log). Several annotators: each pair goes the majority's way, an even split is a
                 tie. Agreement between annotators and with `agreement_judge` (on the same pairs) is reported.
 A ranking of K responses gives all K*(K-1)/2 pairs (InstructGPT); ties give none. `max_pairs_per_prompt` then keeps
-the widest-gap pairs of each prompt, so prompts weigh alike whatever their number of responses.
+the widest-gap pairs of each prompt, so prompts weigh alike whatever their number of responses, and `balance_refusals`
+adds the next pairs of the prompts on the scarcer side until as many pairs choose a refusal as reject one.
 """
 
 from __future__ import annotations
@@ -195,19 +196,48 @@ def judge_preferences(keys, by_pid, cfg: PreferencesParams, paths: PathParams, s
 JUDGES = {"ai": by_ai, "rules": by_rules, "constitution": by_constitution, "human": by_human}
 
 
-def widest_pairs(pairs: list[dict[str, Any]], cap: int, seed: int) -> list[dict[str, Any]]:
-    """At most `cap` pairs of each prompt: those whose judge scores lie furthest apart (the rules judge's score gap;
-    a judge without scores counts 0), equal gaps in a seeded order of the pair ids. The file keeps its order."""
-    def gap(pair):
-        scores = pair["judge"].get("scores") or {}
-        return scores.get("chosen", 0) - scores.get("rejected", 0)
+def pair_order(pair: dict[str, Any], seed: int) -> tuple:
+    """Widest judge score gap first (the rules judge's scores; a judge without scores counts 0), then a seeded order."""
+    scores = pair["judge"].get("scores") or {}
+    return (scores.get("rejected", 0) - scores.get("chosen", 0), hashlib.sha256(f"{seed}\x00{pair['id']}".encode()).digest())
 
+
+def widest_pairs(pairs: list[dict[str, Any]], cap: int, seed: int) -> list[dict[str, Any]]:
+    """At most `cap` pairs of each prompt, in `pair_order`. The file keeps its order."""
     by_prompt: dict[str, list[dict[str, Any]]] = {}
     for pair in pairs:
         by_prompt.setdefault(pair["prompt_id"], []).append(pair)
-    kept = {p["id"] for group in by_prompt.values() for p in sorted(
-        group, key=lambda p: (-gap(p), hashlib.sha256(f"{seed}\x00{p['id']}".encode()).digest()))[:cap]}
+    kept = {p["id"] for group in by_prompt.values() for p in sorted(group, key=lambda p: pair_order(p, seed))[:cap]}
     return [p for p in pairs if p["id"] in kept]
+
+
+def refusal_side(pair: dict[str, Any]) -> int:
+    """+1: the pair chooses a refusal over an answer; -1: an answer over a refusal; 0: both or neither refuse."""
+    return is_refusal(pair["chosen"]) - is_refusal(pair["rejected"])
+
+
+def balance_refusals(kept: list[dict[str, Any]], judged: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Add judged pairs of the scarcer side until as many kept pairs choose a refusal as reject one.
+
+    One pair per prompt weighs the prompts alike, not the lessons: with a harmful third of the prompts, two pairs in
+    three say "the answer beats the refusal", and a reward model learns that refusing is bad. The added pairs come one
+    per prompt per round (prompts in a seeded order), each prompt's next pair in `pair_order`, so they spread over as
+    many prompts as they can. Stops short when the scarcer side has no judged pairs left. The file keeps its order."""
+    sides = [refusal_side(p) for p in kept]
+    short = sides.count(-1) - sides.count(1)  # > 0: refusal-chosen pairs are scarce; < 0: answer-chosen ones
+    scarce, need = (1 if short > 0 else -1), abs(short)
+    have = {p["id"] for p in kept}
+    spare: dict[str, list[dict[str, Any]]] = {}
+    for pair in sorted(judged, key=lambda p: pair_order(p, seed)):
+        if pair["id"] not in have and refusal_side(pair) == scarce:
+            spare.setdefault(pair["prompt_id"], []).append(pair)
+    queue = [spare[pid] for pid in sorted(spare, key=lambda pid: hashlib.sha256(f"{seed}\x00{pid}".encode()).digest())]
+    while need and any(queue):
+        for group in queue:
+            if need and group:
+                have.add(group.pop(0)["id"])
+                need -= 1
+    return [p for p in judged if p["id"] in have]
 
 
 def sample_mix(samples: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -235,10 +265,13 @@ def run(params: Params) -> str | None:
     empty = sum(not r["text"].strip() for s in samples for r in s["responses"])
     samples = [{**s, "responses": [r for r in s["responses"] if r["text"].strip()]} for s in samples]  # a pair needs two texts
     pairs, judgements, judge_metrics = JUDGES[cfg.judge](samples, cfg, paths, params.seed)
-    unique = list({p["id"]: p for p in pairs}.values())  # the same two texts twice (e.g. a repeated revision) once
-    judged_pairs = len(unique)
+    judged = list({p["id"]: p for p in pairs}.values())  # the same two texts twice (e.g. a repeated revision) once
+    unique = judged
     if cfg.max_pairs_per_prompt is not None:
-        unique = widest_pairs(unique, cfg.max_pairs_per_prompt, params.seed)
+        unique = widest_pairs(judged, cfg.max_pairs_per_prompt, params.seed)
+    capped = len(unique)
+    if cfg.balance_refusals:
+        unique = balance_refusals(unique, judged, params.seed)
     if not unique:
         raise InputError(f"{paths.samples}: the {cfg.judge} judge preferred no response over another "
                          f"({judge_metrics}); use a stronger judge (README: plugging in a judge server) or more samples")
@@ -249,7 +282,9 @@ def run(params: Params) -> str | None:
     prompts_by_split = {s: len({p["prompt_id"] for p in unique if p["split"] == s}) for s in ("train", "eval")}
     metrics = {
         "judge": cfg.judge, "prompts": len(samples), "responses": sum(len(s["responses"]) for s in samples),
-        "empty_responses_skipped": empty, "pairs_judged": judged_pairs, "pairs": len(unique), "train_pairs": split_counts["train"], "eval_pairs": split_counts["eval"],
+        "empty_responses_skipped": empty, "pairs_judged": len(judged), "pairs": len(unique),
+        "pairs_added_to_balance_refusals": len(unique) - capped,
+        "pairs_choosing_refusal": sum(refusal_side(p) == 1 for p in unique), "pairs_rejecting_refusal": sum(refusal_side(p) == -1 for p in unique), "train_pairs": split_counts["train"], "eval_pairs": split_counts["eval"],
         "train_prompts": prompts_by_split["train"], "eval_prompts": prompts_by_split["eval"],
         "prompts_without_pairs": len(samples) - len({p["prompt_id"] for p in unique}),
         "mean_chosen_chars": sum(len(p["chosen"]) for p in unique) / len(unique),

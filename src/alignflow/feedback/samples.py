@@ -98,12 +98,12 @@ def run(params: Params) -> str | None:
     if not prompts:
         raise InputError(f"{source}: no prompts")
 
+    openers = [opener_for(cfg.refusal_openers, p["lang"], source) for p in prompts] if cfg.refusal_openers else []
     generator = local_generator(cfg.backend, paths.sft_model, temperature=cfg.temperature, top_p=cfg.top_p,
                                 batch_size=cfg.batch_size, chat_template=True, seed=params.seed)
     started = time.perf_counter()
     repeated = [p["prompt"] for p in prompts for _ in range(cfg.num_responses)]
     texts = generator.generate(repeated, max_new_tokens=cfg.max_new_tokens, seed=params.seed)
-    openers = [opener_for(cfg.refusal_openers, p["lang"], source) for p in prompts] if cfg.refusal_openers else []
     opened = generator.generate([p["prompt"] + [{"role": "assistant", "content": o}] for p, o in zip(prompts, openers)],
                                 max_new_tokens=cfg.max_new_tokens, seed=params.seed + 1) if openers else []
     wall = time.perf_counter() - started
