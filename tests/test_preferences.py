@@ -4,8 +4,8 @@ and the two stages run through `alignflow` on the tiny model."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 import shutil
+from collections import Counter
 
 import pytest
 import yaml
@@ -221,7 +221,7 @@ def test_balance_refusals_adds_the_scarcer_side(workdir, tiny_model_dir):
     assert all(side(p) == scarce for p in added)
     assert metrics["pairs_choosing_refusal"] == sum(side(p) == 1 for p in pairs) == sum(side(p) == -1 for p in pairs)
     per_prompt = Counter(p["prompt_id"] for p in added)
-    assert len(per_prompt) == len(added) or max(per_prompt.values()) <= 1 + min(per_prompt.values())
+    assert max(per_prompt.values()) <= 1 + min(per_prompt.values())
     assert alignflow("preferences", workdir).returncode == 0 and path.read_bytes() == first
 
 

@@ -196,10 +196,15 @@ def judge_preferences(keys, by_pid, cfg: PreferencesParams, paths: PathParams, s
 JUDGES = {"ai": by_ai, "rules": by_rules, "constitution": by_constitution, "human": by_human}
 
 
+def seeded_key(seed: int, key: str) -> bytes:
+    """A sort key that orders ids the same way for the same seed and differently for another."""
+    return hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+
+
 def pair_order(pair: dict[str, Any], seed: int) -> tuple:
     """Widest judge score gap first (the rules judge's scores; a judge without scores counts 0), then a seeded order."""
     scores = pair["judge"].get("scores") or {}
-    return (scores.get("rejected", 0) - scores.get("chosen", 0), hashlib.sha256(f"{seed}\x00{pair['id']}".encode()).digest())
+    return scores.get("rejected", 0) - scores.get("chosen", 0), seeded_key(seed, pair["id"])
 
 
 def widest_pairs(pairs: list[dict[str, Any]], cap: int, seed: int) -> list[dict[str, Any]]:
@@ -231,7 +236,7 @@ def balance_refusals(kept: list[dict[str, Any]], judged: list[dict[str, Any]], s
     for pair in sorted(judged, key=lambda p: pair_order(p, seed)):
         if pair["id"] not in have and refusal_side(pair) == scarce:
             spare.setdefault(pair["prompt_id"], []).append(pair)
-    queue = [spare[pid] for pid in sorted(spare, key=lambda pid: hashlib.sha256(f"{seed}\x00{pid}".encode()).digest())]
+    queue = [spare[pid] for pid in sorted(spare, key=lambda pid: seeded_key(seed, pid))]
     while need and any(queue):
         for group in queue:
             if need and group:
@@ -266,9 +271,7 @@ def run(params: Params) -> str | None:
     samples = [{**s, "responses": [r for r in s["responses"] if r["text"].strip()]} for s in samples]  # a pair needs two texts
     pairs, judgements, judge_metrics = JUDGES[cfg.judge](samples, cfg, paths, params.seed)
     judged = list({p["id"]: p for p in pairs}.values())  # the same two texts twice (e.g. a repeated revision) once
-    unique = judged
-    if cfg.max_pairs_per_prompt is not None:
-        unique = widest_pairs(judged, cfg.max_pairs_per_prompt, params.seed)
+    unique = judged if cfg.max_pairs_per_prompt is None else widest_pairs(judged, cfg.max_pairs_per_prompt, params.seed)
     capped = len(unique)
     if cfg.balance_refusals:
         unique = balance_refusals(unique, judged, params.seed)
