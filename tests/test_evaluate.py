@@ -16,6 +16,7 @@ from alignflow.core.params import ParamsError, load_params
 from alignflow.core.rouge import rouge_l_f, tokenize
 from alignflow.evaluate.compare import judge_outcomes, refusal_detector_accuracy, win_rates
 from alignflow.evaluate.evaluate import response_kl, responses_kl, text_nll, unseen
+from alignflow.evaluate.report import findings
 
 LABELLED = ROOT / "data" / "eval" / "refusal_examples.jsonl"
 
@@ -364,3 +365,31 @@ def test_shipped_prompt_sets_are_large_balanced_and_disjoint_from_training():
     seen = [p["prompt"] for p in preference] + demonstrations + seeds
     kept, dropped = unseen(evaluation, seen, default["filter"]["rouge_threshold"])
     assert dropped == [] and len(kept) == len(evaluation)
+
+
+def test_report_names_a_policy_that_games_the_reward_model(tmp_path):
+    """A policy whose reward-model score rises beyond noise while its harmful refusals and net win rate fall beyond noise
+    (the default PPO at 22 iterations: +1.54 reward, -0.21 harmful refusals, -0.16 net win) is named on the first screen;
+    one whose score rise is within noise, or whose other numbers did not fall, is not."""
+    def interval(value, low, high, n=63):
+        return {"value": value, "low": low, "high": high, "n": n}
+
+    def result(reward, harmful, net_win):
+        ppo = {"vs_reference": {"reward": reward, "harmful_refusal_rate": harmful,
+                                "benign_alarming_refusal_rate": interval(-0.03, -0.08, 0.0),
+                                "perplexity_ratio": interval(1.47, 1.41, 1.53, 60)},
+               "kl_to_reference": interval(18.4, 17.4, 19.3, 189), "net_win_rate": net_win}
+        return {"reference": "sft", "models": {"ppo": ppo}}
+
+    rose, fell = interval(1.536, 1.288, 1.809, 189), interval(-0.206, -0.317, -0.095)
+    lost, even = interval(-0.159, -0.228, -0.090, 189), interval(0.02, -0.05, 0.09, 189)
+    shows, not_shown = findings(result(rose, fell, lost), tmp_path, ("ppo",))
+    gamed = [line for line in not_shown if "games the reward model" in line]
+    assert not shows and len(gamed) == 1
+    assert "+1.536 [+1.288, +1.809]" in gamed[0] and "harmful prompts changed by -0.21 [-0.32, -0.10]" in gamed[0]
+    assert "net win rate against it, by the judge, is -0.16 [-0.23, -0.09]" in gamed[0]
+    _, only_refusals = findings(result(rose, fell, even), tmp_path, ("ppo",))
+    assert [line for line in only_refusals if "games" in line] and "net win" not in only_refusals[-1]
+    within_noise = interval(0.3, -0.05, 0.65, 189)
+    for case in (result(within_noise, fell, lost), result(rose, interval(0.05, -0.02, 0.13), even)):
+        assert not [line for line in findings(case, tmp_path, ("ppo",))[1] if "games" in line]
