@@ -369,7 +369,7 @@ def test_shipped_prompt_sets_are_large_balanced_and_disjoint_from_training():
 
 def test_report_names_a_policy_that_games_the_reward_model(tmp_path):
     """A policy whose reward-model score rises beyond noise while its harmful refusals and net win rate fall beyond noise
-    (the default PPO at 22 iterations: +1.54 reward, -0.21 harmful refusals, -0.16 net win) is named on the first screen;
+    (PPO at 22 iterations, measured 2026-12-07: +1.54 reward, -0.21 harmful refusals, -0.16 net win) is named on the first screen;
     one whose score rise is within noise, or whose other numbers did not fall, is not."""
     def interval(value, low, high, n=63):
         return {"value": value, "low": low, "high": high, "n": n}
