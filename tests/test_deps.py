@@ -1,10 +1,13 @@
-"""dvc.yaml's code deps cover what each stage runs, and editing a module reruns exactly the stages that read it.
+"""dvc.yaml's code deps are exactly what each stage runs, and editing a module reruns exactly the stages that run it.
 
 A stage runs `alignflow <stage> [arg]`: alignflow.core.cli, which imports the stage's module by name
 (cli.STAGES). A stage's code is the import closure, within the alignflow package, of those two modules, read from
 their sources with `ast` (never by importing them): every `import` and `from ... import` in a file, the lazy ones
-inside functions too; `from alignflow.x import y` imports the module alignflow.x.y when there is one; a module's
-packages (their __init__.py) run before it. Each of those files must lie under one of the stage's deps.
+inside functions too; `from alignflow.x import y` imports the module alignflow.x.y when there is one; a string
+"alignflow.x.y:Name" (a class loaded by importlib, as align/methods.py names our PPO trainer) imports alignflow.x.y;
+a module's packages (their __init__.py) run before it; a data file of the package (DATA_FILES) comes with the module
+that reads it. The stage's deps under src/alignflow must be exactly those files: one missing is a stale cache, one
+extra (or a folder) a needless rerun.
 
 Two imports are left out, in the documented allow-list COMMAND_IMPORTS: `alignflow annotate` (a web page for people)
 and `alignflow diff` (two revisions' evaluations compared) are commands, not DVC stages, and cli imports their
@@ -40,10 +43,18 @@ COMMAND_IMPORTS = {(CLI, "alignflow.feedback.annotate"): "alignflow annotate (a 
                    (CLI, "alignflow.evaluate.diff"): "alignflow diff (two revisions' evaluations compared), not a stage"}
 
 
+# Files of the package that are not Python, each with the module that reads it: a stage that runs the module
+# depends on the file too. A new one must be added here (test_every_package_file_is_code_or_known_data).
+DATA_FILES = {"src/alignflow/feedback/annotate.html": "alignflow.feedback.annotate"}
+
+
 @dataclass(frozen=True)
 class Import:
     module: str  # the absolute dotted name of a module of the alignflow package
     lazy: bool   # inside a function: runs only when the function is called
+
+
+MODULE_REF = re.compile(r"(alignflow(?:\.\w+)+)(?::\w+)?")  # a module named in a string: align/methods.py's trainers
 
 
 def module_file(src: Path, name: str) -> Path | None:
@@ -75,6 +86,9 @@ def imports(src: Path, name: str) -> list[Import]:
                 found.append(Import(base, lazy))
                 found.extend(Import(f"{base}.{alias.name}", lazy) for alias in child.names
                              if module_file(src, f"{base}.{alias.name}"))
+            elif (isinstance(child, ast.Constant) and isinstance(child.value, str) and name != CLI
+                  and (ref := MODULE_REF.fullmatch(child.value)) and module_file(src, ref[1])):
+                found.append(Import(ref[1], lazy=True))  # "alignflow.x.y:Name", loaded by importlib when called
             visit(child, lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
     visit(ast.parse(path.read_text(encoding="utf-8"), str(path)), False)
@@ -109,9 +123,12 @@ def stage_module(cmd: str) -> str:
 
 
 def stage_code(root: Path, cmd: str) -> list[str]:
-    """The source files, relative to the repository `root`, that the stage command `cmd` runs."""
+    """The source files, relative to the repository `root`, that the stage command `cmd` runs (and the data files
+    its modules read)."""
     src = root / "src"
-    return sorted(str(module_file(src, m).relative_to(root)) for m in closure(src, [CLI, stage_module(cmd)]))
+    modules = closure(src, [CLI, stage_module(cmd)])
+    return sorted([str(module_file(src, m).relative_to(root)) for m in modules]
+                  + [f for f, reader in DATA_FILES.items() if reader in modules])
 
 
 def code_deps(root: Path) -> dict[str, tuple[str, list[str]]]:
@@ -121,13 +138,16 @@ def code_deps(root: Path) -> dict[str, tuple[str, list[str]]]:
                 for st in repo.index.stages}
 
 
-def code_gaps(root: Path) -> dict[str, list[str]]:
-    """stage -> the files it runs that none of its deps covers; empty when dvc.yaml is complete."""
+def code_gaps(root: Path) -> dict[str, dict[str, list[str]]]:
+    """stage -> the files it runs that are not among its deps ("missing": a stale cache) and its deps under
+    src/alignflow that it does not run ("extra": a needless rerun; a folder is one); empty when dvc.yaml is exact."""
     gaps = {}
     for name, (cmd, deps) in code_deps(root).items():
-        missing = [f for f in stage_code(root, cmd) if not any(Path(f).is_relative_to(d) for d in deps)]
-        if missing:
-            gaps[name] = missing
+        code = stage_code(root, cmd)
+        found = {"missing": [f for f in code if f not in deps],
+                 "extra": [d for d in deps if Path(d).is_relative_to(f"src/{PACKAGE}") and d not in code]}
+        if found["missing"] or found["extra"]:
+            gaps[name] = found
     return gaps
 
 
@@ -150,10 +170,27 @@ def layer_violations(src: Path) -> list[str]:
     return sorted(set(bad))
 
 
-def test_every_stage_deps_cover_the_code_it_runs():
+def test_every_stage_deps_are_exactly_the_code_it_runs():
     stages = code_deps(ROOT)
     assert {stage_module(cmd) for cmd, _ in stages.values()} == {module for module, _ in STAGES.values()}
     assert code_gaps(ROOT) == {}
+
+
+def test_every_package_file_is_code_or_known_data():
+    """A file of the package that is not Python is read by some module: DATA_FILES must say which, or no stage
+    would depend on it."""
+    files = {str(f.relative_to(ROOT)) for f in (ROOT / "src" / PACKAGE).rglob("*")
+             if f.is_file() and f.suffix not in (".py", ".pyc")}
+    assert files == set(DATA_FILES)
+    src = ROOT / "src"
+    assert all(module_file(src, reader) for reader in DATA_FILES.values())
+
+
+def test_a_module_named_in_a_string_is_imported():
+    """align/methods.py names our PPO trainer as "alignflow.align.ppo.ppo_trainer:PPOTrainer", loaded by importlib."""
+    found = imports(ROOT / "src", "alignflow.align.methods")
+    assert Import("alignflow.align.ppo.ppo_trainer", lazy=True) in found
+    assert Import("alignflow.align.ppo.ppo_config", lazy=True) in found
 
 
 def test_phases_import_only_core_and_themselves():
@@ -180,24 +217,35 @@ def drop_dep(repo: Path, stage: str, dep: str) -> None:
     dvc_yaml.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
 
 
-def test_a_missing_code_dep_is_reported(project_copy):
-    """The check fails, naming exactly the uncovered files, when dvc.yaml drops a code dep or code imports more."""
-    drop_dep(project_copy, "filter", "src/alignflow/data")
-    expected = [f for f in stage_code(project_copy, "alignflow filter") if f.startswith("src/alignflow/data/")]
-    assert "src/alignflow/data/filter.py" in expected and "src/alignflow/data/records.py" in expected
-    assert code_gaps(project_copy) == {"filter": expected}
+def add_dep(repo: Path, stage: str, dep: str) -> None:
+    dvc_yaml = repo / "dvc.yaml"
+    doc = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
+    doc["stages"][stage].get("do", doc["stages"][stage])["deps"].append(dep)
+    dvc_yaml.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
+def test_a_missing_or_extra_code_dep_is_reported(project_copy):
+    """The check fails, naming exactly the files, when dvc.yaml drops a module the stage runs, lists one it does not
+    run, lists a folder, or the code imports more."""
+    drop_dep(project_copy, "filter", "src/alignflow/data/records.py")
+    add_dep(project_copy, "filter", "src/alignflow/data/format.py")
+    assert code_gaps(project_copy) == {"filter": {"missing": ["src/alignflow/data/records.py"],
+                                                  "extra": ["src/alignflow/data/format.py"]}}
 
     drop_dep(project_copy, "align", "src/alignflow/__init__.py")  # from the foreach template: every method
+    add_dep(project_copy, "align", "src/alignflow/align")
     methods = yaml.safe_load((project_copy / "params.yaml").read_text(encoding="utf-8"))["alignment"]["methods"]
-    assert code_gaps(project_copy) == {"filter": expected, **{f"align@{m}": ["src/alignflow/__init__.py"] for m in methods}}
+    assert code_gaps(project_copy) == {
+        "filter": {"missing": ["src/alignflow/data/records.py"], "extra": ["src/alignflow/data/format.py"]},
+        **{f"align@{m}": {"missing": ["src/alignflow/__init__.py"], "extra": ["src/alignflow/align"]} for m in methods}}
 
 
 def test_a_lazy_import_of_another_phase_is_reported(project_copy):
     module = project_copy / "src" / "alignflow" / "data" / "filter.py"
     module.write_text(module.read_text(encoding="utf-8") + "\n\ndef _train():\n    from alignflow.sft import sft_trainer\n")
     gaps = code_gaps(project_copy)
-    assert set(gaps) == {"filter"}
-    assert gaps["filter"] == ["src/alignflow/sft/__init__.py", "src/alignflow/sft/sft_trainer.py"]
+    assert gaps == {"filter": {"missing": ["src/alignflow/sft/__init__.py", "src/alignflow/sft/sft_trainer.py"],
+                               "extra": []}}
     assert layer_violations(project_copy / "src") == ["alignflow.data.filter imports alignflow.sft",
                                                       "alignflow.data.filter imports alignflow.sft.sft_trainer"]
 
@@ -209,9 +257,12 @@ def test_a_command_import_at_module_level_is_reported(project_copy):
     cli.write_text(text.replace("\nfrom alignflow.core import launch\n",
                                 "\nfrom alignflow.core import launch\nfrom alignflow.feedback.annotate import serve\n", 1),
                    encoding="utf-8")
-    outside = [name for name, (_, deps) in code_deps(project_copy).items() if "src/alignflow/feedback" not in deps]
-    assert code_gaps(project_copy) == {name: ["src/alignflow/feedback/__init__.py", "src/alignflow/feedback/annotate.py"]
-                                       for name in outside}
+    src = project_copy / "src"
+    page = {str(module_file(src, m).relative_to(project_copy)) for m in closure(src, ["alignflow.feedback.annotate"])}
+    assert {"src/alignflow/feedback/annotate.py", "src/alignflow/core/annotation_log.py"} <= page
+    page.add("src/alignflow/feedback/annotate.html")
+    assert code_gaps(project_copy) == {name: {"missing": sorted(f for f in page if f not in deps), "extra": []}
+                                       for name, (_, deps) in code_deps(project_copy).items()}
     assert layer_violations(project_copy / "src") == ["alignflow.core.cli imports alignflow.feedback.annotate (at module level)"]
 
 
@@ -220,7 +271,8 @@ def test_a_command_import_at_module_level_is_reported(project_copy):
 RAN = ("base_model", "self_instruct", "filter")  # cheap stages, made up to date with `dvc repro`
 EDITS = {  # edited file -> the stages of RAN whose deps hold it (checked against dvc.yaml below)
     "src/alignflow/sft/sft.py": set(),  # first: nothing else changed since the run, so both drivers must find no work
-    "src/alignflow/data/filter.py": set(RAN),
+    "src/alignflow/data/filter.py": {"filter"},  # a module of the data phase: only the stage that runs it
+    "src/alignflow/core/generation.py": {"self_instruct"},  # core, but only self_instruct of these three generates
     "src/alignflow/core/io.py": set(RAN),
 }
 # Snakemake names one reason per job, and a job downstream of one that will run gets "input files updated by another
@@ -268,13 +320,12 @@ def test_a_code_edit_reruns_exactly_the_stages_that_depend_on_it(tmp_path, tiny_
     # needed), by mtimes alone: it has no records of a DVC run, so its params / code triggers cannot fire (untested).
     deps = code_deps(repo)
     for edited, expected in EDITS.items():
-        assert expected == {s for s in RAN if any(Path(edited).is_relative_to(d) for d in deps[s][1])}, edited
-        folder = str(Path(edited).parent)  # the code dep that holds it
+        assert expected == {s for s in RAN if edited in deps[s][1]}, edited
         path = repo / edited
         text, stat = path.read_text(encoding="utf-8"), path.stat()
         path.write_text(text + "# edited\n", encoding="utf-8")
         try:
-            assert dvc_changed(repo, RAN) == {s: [{"changed deps": {folder: "modified"}}] for s in expected}, edited
+            assert dvc_changed(repo, RAN) == {s: [{"changed deps": {edited: "modified"}}] for s in expected}, edited
             assert snakemake_reasons(repo, RAN) == {s: f"Updated input files: {edited}" for s in expected}, edited
         finally:  # as it was, content and mtime (Snakemake, without records of a run, compares mtimes only)
             path.write_text(text, encoding="utf-8")
