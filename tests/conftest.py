@@ -306,11 +306,18 @@ def marker_pairs(n_prompts: int, per_prompt: int, seed: int) -> list[dict]:
 
 
 def sft_and_marker_pairs(workdir: Path, model_dir: Path, n_prompts: int, per_prompt: int, seed: int) -> Path:
-    """`model_dir` as the SFT model of `workdir`, and marker pairs as its preference pairs; returns `workdir`."""
+    """`model_dir` as the SFT model of `workdir`, and marker pairs as its preference pairs; returns `workdir`. The
+    samples stage's records mark every other prompt harmful (what the rules judge reads: PPO's rules_weight, GRPO's
+    reward: rules)."""
     shutil.copytree(model_dir, workdir / "models" / "sft")
     pairs = workdir / "data" / "preferences" / "pairs.jsonl"
     pairs.parent.mkdir(parents=True)
-    pairs.write_text("".join(json.dumps(p) + "\n" for p in marker_pairs(n_prompts, per_prompt, seed=seed)))
+    rows = marker_pairs(n_prompts, per_prompt, seed=seed)
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in rows))
+    prompts = list({json.dumps(p["prompt"]): p["prompt"] for p in rows}.values())
+    (pairs.parent / "samples.jsonl").write_text("".join(
+        json.dumps({"prompt_id": str(i), "prompt": p, "harmful": i % 2 == 0, "responses": []}) + "\n"
+        for i, p in enumerate(prompts)))
     return workdir
 
 

@@ -33,6 +33,26 @@ def test_ppo_stage_writes_a_loadable_policy_metrics_and_curves(aligned_workdir, 
     assert info == {"kind": "full", "method": "ppo", "start": "models/sft"}  # the report's lineage reads it
 
 
+@pytest.mark.slow
+def test_ppo_rules_weight_adds_the_rules_judges_score_to_the_reward(aligned_workdir, tiny_model_dir):
+    """reward = reward model + rules_weight * rules score. Before training both runs sample the same held-out responses
+    (same seed, same SFT policy), so their mean rewards differ by exactly rules_weight times the mean rules score: a
+    mean of integers from 0 to 5 over the eval prompts."""
+    pairs = [json.loads(line) for line in (aligned_workdir / "data" / "preferences" / "pairs.jsonl").read_text().splitlines()]
+    n_eval = len({json.dumps(p["prompt"]) for p in pairs if p["split"] == "eval"})  # harmful flags: the fixture's samples
+    before = {}
+    for weight in (0.0, 100.0):
+        params = tiny_params(tiny_model_dir)
+        params["ppo"].update(iterations=1, rules_weight=weight)
+        write_params(aligned_workdir, params)
+        result = alignflow("ppo", aligned_workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        before[weight] = json.loads((aligned_workdir / "metrics" / "ppo.json").read_text())["eval_reward_before"]
+    rules_mean = (before[100.0] - before[0.0]) / 100.0
+    assert 0 < rules_mean <= 5, before  # a non-empty response passes at least one check
+    assert abs(rules_mean * n_eval - round(rules_mean * n_eval)) < 1e-2, (rules_mean, n_eval)
+
+
 @pytest.mark.parametrize("method,change,expected", [
     ("ppo", {"ppo": {"batch_size": 6, "minibatch_size": 4}}, "ppo.batch_size=6 does not divide into minibatches"),
     ("ppo", {"remove": "models/reward"}, "no reward model; PPO needs one"),

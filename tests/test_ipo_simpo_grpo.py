@@ -62,12 +62,6 @@ def test_grpo_trains_from_the_sft_model_on_the_prompts(reward, aligned_workdir, 
     params = tiny_params(tiny_model_dir)
     params["grpo"]["reward"] = reward
     write_params(aligned_workdir, params)
-    if reward == "rules":  # which prompts are harmful: the samples stage's records
-        pairs = [json.loads(line) for line in (aligned_workdir / "data" / "preferences" / "pairs.jsonl").read_text().splitlines()]
-        prompts = {json.dumps(p["prompt"]): p["prompt"] for p in pairs}
-        (aligned_workdir / "data" / "preferences" / "samples.jsonl").write_text("".join(
-            json.dumps({"prompt_id": str(i), "prompt": p, "harmful": i % 2 == 0, "responses": []}) + "\n"
-            for i, p in enumerate(prompts.values())))
     result = alignflow("grpo", aligned_workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((aligned_workdir / "metrics" / "grpo.json").read_text())

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from alignflow.align.methods import load, method
-from alignflow.align.policy import headline, load_policy, save, start_path, train_and_eval_prompts
-from alignflow.core.io import InputError, read_jsonl
+from alignflow.align.policy import harmful_flags, headline, load_policy, save, start_path, train_and_eval_prompts
+from alignflow.core.io import InputError
 from alignflow.core.judges import request_text, rule_checks, rule_score
 from alignflow.core.models import Source, load_tokenizer
 from alignflow.core.params import Params
@@ -32,11 +32,6 @@ from alignflow.core.stats import fmt
 from alignflow.core.training import TrainingRun, lora_config
 
 log = logging.getLogger(__name__)
-
-
-def harmful_flags(samples_path: str) -> dict[str, bool]:
-    """The prompt (as JSON text) -> whether it is harmful, from the samples stage's records."""
-    return {repr(r["prompt"]): r["harmful"] for _, r in read_jsonl(samples_path, {"prompt": list, "harmful": bool})}
 
 
 def reward_function(params: Params, device: str):

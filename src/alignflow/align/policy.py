@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from alignflow.core.io import atomic_path, dump_json
+from alignflow.core.io import atomic_path, dump_json, read_jsonl
 from alignflow.core.launch import is_main_process
 from alignflow.core.models import load_for_inference
 from alignflow.core.pairs import load_preference_splits
@@ -75,3 +75,9 @@ def train_and_eval_prompts(pairs_path: str) -> tuple[list[list[dict[str, str]]],
 
     train, held_out = load_preference_splits(pairs_path)
     return unique(train.prompts), unique(held_out.prompts)
+
+
+def harmful_flags(samples_path: str) -> dict[str, bool]:
+    """The prompt (as JSON text) -> whether it is harmful, from the samples stage's records: what the rules judge's
+    refusal check reads (GRPO's `reward: rules`, PPO's `rules_weight`)."""
+    return {repr(r["prompt"]): r["harmful"] for _, r in read_jsonl(samples_path, {"prompt": list, "harmful": bool})}

@@ -223,6 +223,7 @@ class PpoParams(LoraParams):
     whiten_advantages: bool
     save_every: int
     rollout_backend: str
+    rules_weight: float
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
     dvc exp run -S ppo.kl_coef=0.1
 
 Reads:  the train prompts of `paths.pairs` (rollouts) and its eval prompts (measured before and after),
-        the SFT model `paths.sft_model`, the reward model `paths.reward_model`.
+        the SFT model `paths.sft_model`, the reward model `paths.reward_model`; with `ppo.rules_weight` > 0 whether
+        each prompt is harmful (`paths.samples`), for the rules judge's refusal check.
 Writes: `<paths.aligned>/ppo/` (a plain checkpoint, LoRA merged in), `<paths.metrics>/ppo.json`, and per
         iteration reward, KL, entropy, clip fraction, value loss, approximate KL and response length under
         `<paths.dvclive>/ppo/` (dvc plots show).
@@ -16,6 +17,12 @@ with the adapter disabled, otherwise a frozen copy of the SFT model), the frozen
 value model. The value model starts as a copy of the reward model (InstructGPT's choice): it already maps
 a conversation to a scalar of the right scale, so the critic is useful from the first iteration, while a
 value head on the policy would start from random and share the policy's gradients.
+
+The reward is the reward model's score, plus `rules_weight` times the rules judge's score (alignflow.core.judges: the
+verifiable checks non-empty, no repetition, language, length, and refused if and only if the prompt is harmful), as
+GPT-4's RLHF added rule-based reward models to the learned one (OpenAI, 2023). The learned reward model is trained on
+pairs that the same rules ranked, and a policy can find what it overrates off their distribution; the rules term
+scores each rollout directly.
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-from alignflow.align.policy import headline, load_policy, save, start_path, train_and_eval_prompts
+from alignflow.align.policy import harmful_flags, headline, load_policy, save, start_path, train_and_eval_prompts
 from alignflow.align.ppo.ppo_config import PPOConfig
 from alignflow.core.checkpoints import open_live, restore_rng_states, rng_states, snapshot_curves, write_checkpoint
 from alignflow.core.io import InputError
+from alignflow.core.judges import rules_score
 from alignflow.core.models import Source, load_tokenizer
 from alignflow.core.params import Params
 from alignflow.core.reward import conversation_ids, score
@@ -84,8 +92,10 @@ def run(params: Params) -> str | None:
     # fp32 whatever distributed.mixed_precision says: PPO's ratio compares a token's log-prob before and after a few
     # small updates, and in bf16 autocast the difference rounds away (measured on the default run: approximate KL and
     # clip fraction exactly 0 in every iteration, so the clipped objective never clipped)
-    run = TrainingRun(params, "ppo", [paths.pairs, start, paths.reward_model], marker=STATE_FILE, mixed_precision=False)
+    inputs = [paths.pairs, start, paths.reward_model] + ([paths.samples] if cfg.rules_weight else [])
+    run = TrainingRun(params, "ppo", inputs, marker=STATE_FILE, mixed_precision=False)
     train_prompts, eval_prompts = train_and_eval_prompts(paths.pairs)
+    harmful = harmful_flags(paths.samples) if cfg.rules_weight else {}
 
     policy, tokenizer = load_policy(run, start)
     ref_model = None
@@ -104,9 +114,13 @@ def run(params: Params) -> str | None:
     messages_of = {tuple(prompt_ids(m)): m for m in train_prompts + eval_prompts}
 
     def reward_fn(prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        ids = [conversation_ids(rm_tokenizer, messages_of[tuple(p)], t.strip()) for p, t in zip(prompts, texts)]
-        return torch.tensor(score(reward_model, rm_tokenizer, ids))
+        texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
+        messages = [messages_of[tuple(p)] for p in prompts]
+        rewards = torch.tensor(score(reward_model, rm_tokenizer, [conversation_ids(rm_tokenizer, m, t) for m, t in zip(messages, texts)]))
+        if cfg.rules_weight:  # + the rules judge's verifiable checks (a rule-based reward beside the learned one)
+            rewards += cfg.rules_weight * torch.tensor([float(rules_score(m, t, harmful.get(repr(m), False), params.preferences))
+                                                        for m, t in zip(messages, texts)])
+        return rewards
 
     sampler = None if cfg.rollout_backend == "policy" else engine_sampler(cfg.rollout_backend, start, cfg.temperature,
                                                                           cfg.max_new_tokens, cfg.batch_size)
