@@ -16,15 +16,17 @@ transformers, fp32) in the same run; absolute numbers depend on the machine.
 Engines:
 - `hf-generate`: transformers' `model.generate` on the checkpoint, fp32: the baseline.
 - `alignflow-<backend>`: the project's generation path (`alignflow.core.generation.local_generator`) with that
-  backend: `alignflow-transformers`, `alignflow-onnx-int4` / `-int8` / `-fp32` (ONNX Runtime GenAI; the export is
-  cached by weight hash, so `setup_s` is a cache hit after the first run: delete ~/.cache/alignflow/onnx to time it).
+  backend: `alignflow-transformers` (`model.generate`), `alignflow-torch-fp32` / `-bf16` (our decoding loop,
+  core/decoding.py, on the model in that dtype), `alignflow-onnx-int4` / `-int8` / `-fp32` (ONNX Runtime GenAI; the
+  export is cached by weight hash, so `setup_s` is a cache hit after the first run: delete ~/.cache/alignflow/onnx
+  to time it).
 - `hf-static-compile`: `model.generate` with a static KV cache and `torch.compile` (transformers' own recipe).
 - `ctranslate2-int8`, `ctranslate2-fp32`: CTranslate2's `Generator` on the converted checkpoint.
 An engine whose package is missing is reported as such, not skipped silently.
 
-`--profile-step OUT`: where one step of the baseline goes at the largest batch (torch.profiler over the prompt's
-forward pass and one decoding step of `hf-generate`, the time per operator), for the record of why the batch target
-is or is not reached.
+`--profile-step OUT`: where one step goes at the largest batch, for the baseline (fp32, transformers' sampling) and for
+`torch-bf16` (torch.profiler over the prompt's forward pass and decoding steps, the time per operator), for the record
+of why the batch target is or is not reached.
 
 Fidelity: at the largest batch each engine also answers the prompts greedily (`--fidelity-tokens` tokens), and
 `greedy_match` is the share of prompts whose greedy tokens equal `hf-generate`'s: 1.0 means the engine computes the
@@ -34,6 +36,7 @@ same model; a quantized engine samples from a nearby one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -45,8 +48,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
-ENGINES = ["hf-generate", "alignflow-transformers", "alignflow-onnx-int4", "alignflow-onnx-int8", "alignflow-onnx-fp32",
-           "ctranslate2-int8", "ctranslate2-fp32", "hf-static-compile"]
+ENGINES = ["hf-generate", "alignflow-transformers", "alignflow-torch-fp32", "alignflow-torch-bf16", "alignflow-onnx-int4",
+           "alignflow-onnx-int8", "alignflow-onnx-fp32", "ctranslate2-int8", "ctranslate2-fp32", "hf-static-compile"]
 SETTINGS = {"temperature": 0.7, "top_p": 0.95}
 
 
@@ -67,6 +70,19 @@ def peak_rss_mib() -> float:
 
 # --- engines: each returns (setup seconds, generate(prompt strings, seed, max_new, greedy) -> token-id lists) -------
 # Sampled calls generate exactly max_new tokens (EOS ignored); greedy calls stop at EOS, as the stages do.
+
+def machine() -> dict:
+    """What the ratios depend on: the cores, and the vector extensions the kernels can use (AVX-512 BF16 / VNNI, AMX)."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "processor": platform.processor(),
+            "cpu_flags": [f for f in wanted if f in flags]}
+
 
 def chat(tokenizer, text: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
@@ -173,19 +189,28 @@ def child(args: argparse.Namespace) -> dict:
     return row
 
 
-def profile_step(model_dir: str, batch: int) -> dict:
-    """Where the baseline's time goes at `batch`: the prompt's forward pass (prefill), then one decoding step on its
-    own (the forward pass of one new token per sequence with the KV cache, and top-p sampling: temperature, sort,
-    cumulative sum, draw), timed and profiled per operator with torch.profiler."""
+def profile_step(model_dir: str, batch: int, dtype: str = "float32") -> dict:
+    """Where one engine's time goes at `batch`: the prompt's forward pass (prefill), then decoding steps on their own
+    (the forward pass of one new token per sequence with the KV cache, and top-p sampling), timed (the mean of
+    `STEPS`) and profiled per operator with torch.profiler. float32: the baseline, sampling as transformers does
+    (temperature, sort of the whole vocabulary, cumulative sum, draw); bfloat16: our engine (`torch-bf16`), the model
+    in bf16 and core/decoding.py's sampler."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    sys.path.insert(0, str(ROOT / "src"))
+    from alignflow.core.decoding import nucleus_sample
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     enc = tokenizer([chat(tokenizer, t) for t in prompts(batch)], return_tensors="pt", padding=True, add_special_tokens=False)
+    draws = torch.Generator().manual_seed(0)
 
     def sample(logits):
+        logits = logits.float()
+        if dtype != "float32":
+            return nucleus_sample(logits, generator=draws, **SETTINGS)[:, None]
         probs = torch.softmax(logits / SETTINGS["temperature"], dim=-1)
         sorted_probs, index = torch.sort(probs, descending=True)
         keep = sorted_probs.cumsum(-1) - sorted_probs < SETTINGS["top_p"]
@@ -203,14 +228,16 @@ def profile_step(model_dir: str, batch: int) -> dict:
             out = model(**enc, use_cache=True, logits_to_keep=1)
             timings["prefill_s"] = time.perf_counter() - start
             tokens, past, mask = sample(out.logits[:, -1]), out.past_key_values, enc["attention_mask"]
-            mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
             start = time.perf_counter()
-            past, tokens = step(past, mask, tokens)
-            timings["decode_step_s"] = time.perf_counter() - start
-        mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
+            for _ in range(STEPS):
+                mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
+                past, tokens = step(past, mask, tokens)
+            timings["decode_step_s"] = (time.perf_counter() - start) / STEPS
         start = time.perf_counter()
-        sample(out.logits[:, -1])
-        timings["sampling_s"] = time.perf_counter() - start
+        for _ in range(STEPS):
+            sample(out.logits[:, -1])
+        timings["sampling_s"] = (time.perf_counter() - start) / STEPS
+        mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step(past, mask, tokens)
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
@@ -218,12 +245,15 @@ def profile_step(model_dir: str, batch: int) -> dict:
     params = sum(p.numel() for p in model.parameters())  # embeddings tied to the LM head: counted once
     head = model.get_output_embeddings().weight.numel()  # prefill runs the head on the last position only
     prefill_gflop = (2 * (params - head) * int(enc["input_ids"].numel()) + 2 * head * batch) / 1e9
-    return {"batch": batch, "prompt_tokens_padded": int(enc["input_ids"].numel()),
+    return {"dtype": dtype, "batch": batch, "prompt_tokens_padded": int(enc["input_ids"].numel()),
             "prompt_tokens_real": int(enc["attention_mask"].sum()), **{k: round(v, 4) for k, v in timings.items()},
             "decode_gflop_per_step": round(2 * params * batch / 1e9, 2),
             "decode_gflop_per_s": round(2 * params * batch / 1e9 / timings["decode_step_s"], 1),
             "prefill_gflop_per_s": round(prefill_gflop / timings["prefill_s"], 1),
             "decode_step_operators_self_time_share": {e.key: round(e.self_cpu_time_total / total, 3) for e in top}}
+
+
+STEPS = 8  # decoding steps timed per profile
 
 
 def main() -> None:
@@ -248,7 +278,9 @@ def main() -> None:
     if not Path(args.model).is_dir():
         sys.exit(f"{args.model}: no such checkpoint directory; run `dvc repro base_model` first, or pass --model")
     if args.profile_step:
-        result = profile_step(args.model, max(int(b) for b in args.batches.split(",")))
+        batch = max(int(b) for b in args.batches.split(","))
+        result = {"hf-generate": profile_step(args.model, batch), "alignflow-torch-bf16": profile_step(args.model, batch, "bfloat16"),
+                  "machine": machine()}
         Path(args.profile_step).write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         return
@@ -292,7 +324,7 @@ def main() -> None:
         result = {"command": " ".join(["python", "benchmarks/bench_generation.py", *sys.argv[1:]]),
                   "model": args.model, "max_new_tokens": args.max_new_tokens, "settings": SETTINGS,
                   "fidelity_tokens": args.fidelity_tokens,
-                  "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "processor": platform.processor()},
+                  "machine": machine(),
                   "results": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from alignflow.core.generation import OnnxGenerator, OpenAIGenerator, VLLMGenerator, local_generator, onnx_export
+from alignflow.core.generation import (OnnxGenerator, OpenAIGenerator, TorchGenerator, VLLMGenerator, local_generator,
+                                       onnx_export)
 from alignflow.core.io import InputError
 from conftest import openai_server
 
@@ -88,16 +89,17 @@ def lora_on_lively(lively_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.parametrize("backend", ["onnx-fp32", "torch-fp32"])
 @pytest.mark.parametrize("which", ["plain", "lora"])
-def test_onnx_fp32_answers_exactly_as_transformers(which, lively_model_dir, lora_on_lively):
-    """fp32 export, greedy: the same tokens as transformers for prompts of different lengths in one batch (ORT GenAI
-    reads right-padded batches; padded wrongly, the shorter prompts' answers change) and for a LoRA checkpoint
-    (merged before the export)."""
+def test_fp32_engines_answer_exactly_as_transformers(backend, which, lively_model_dir, lora_on_lively):
+    """fp32, greedy: the same tokens as transformers' `generate` for prompts of different lengths in one batch (ORT
+    GenAI reads right-padded batches, our loop left-padded ones with position ids from the mask; padded wrongly, the
+    shorter prompts' answers change) and for a LoRA checkpoint (merged first)."""
     path = str(lively_model_dir if which == "plain" else lora_on_lively)
     settings = {"temperature": 0.0, "top_p": 1.0, "batch_size": 3, "chat_template": True, "seed": 0}
     expected = local_generator("transformers", path, **settings).generate_ids(PROMPTS, max_new_tokens=12, seed=0)
-    engine = local_generator("onnx-fp32", path, **settings)
-    assert isinstance(engine, OnnxGenerator)
+    engine = local_generator(backend, path, **settings)
+    assert isinstance(engine, OnnxGenerator if backend.startswith("onnx") else TorchGenerator)
     got = engine.generate_ids(PROMPTS, max_new_tokens=12, seed=0)
     assert len({tuple(ids) for ids in expected}) >= 3, "the test model answers every prompt alike: the check would be empty"
     assert got == expected
@@ -137,3 +139,58 @@ def test_onnx_export_key_follows_the_weights(lively_model_dir, tmp_path, monkeyp
     second = onnx_export(model, tokenizer, "int4")
     assert second != first and (second / "genai_config.json").is_file()
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == sorted([first.name, second.name])
+
+
+# --- our decoding loop (backends torch-fp32 / torch-bf16) -------------------------------------------------------------
+
+
+def hf_top_p_support(logits, temperature: float, top_p: float):
+    """The tokens transformers' own top-p warper keeps, and their renormalised probabilities."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    return torch.isfinite(warped), warped.softmax(-1)
+
+
+def test_nucleus_sampling_draws_from_exactly_transformers_nucleus():
+    """Sorting only the top candidates is exact: draws come from exactly the tokens transformers' top-p keeps, at its
+    probabilities; a row whose nucleus is wider than the candidates (a flat distribution over 2,000 tokens) is drawn
+    from its whole vocabulary, not cut to the candidates."""
+    import torch
+
+    from alignflow.core.decoding import TOP_CANDIDATES, nucleus_sample
+
+    peaked = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3] + [1e-6] * 1996))
+    flat = torch.randn(2000, generator=torch.Generator().manual_seed(0)) * 0.1
+    draws = 6000
+    logits = torch.stack([peaked] * draws + [flat] * draws)
+    tokens = nucleus_sample(logits, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    for row, got in ((peaked, tokens[:draws]), (flat, tokens[draws:])):
+        keep, probs = hf_top_p_support(row[None], 1.0, 0.9)
+        assert keep[0, got].all(), "a token outside transformers' nucleus was drawn"
+        counts = torch.bincount(got, minlength=row.numel()).float() / draws
+        assert (counts - probs[0]).abs().max() < 0.02
+    assert torch.equal(torch.unique(tokens[:draws]), torch.tensor([1, 2, 3]))
+    rank = {int(t): r for r, t in enumerate(flat.argsort(descending=True))}
+    assert max(rank[int(t)] for t in tokens[draws:]) > TOP_CANDIDATES  # the wide row was not cut to the candidates
+
+
+def test_torch_engine_samples_reproducibly_and_names_itself(lively_model_dir):
+    """Same seed, dtype and engine: the same tokens; another seed, others; bf16 runs the model in bf16 (a copy: the
+    model handed in stays fp32); the provenance names backend and engine."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    settings = {"temperature": 1.0, "top_p": 0.95, "batch_size": 2, "chat_template": True, "seed": 0}
+    loaded = AutoModelForCausalLM.from_pretrained(lively_model_dir)
+    engine = local_generator("torch-bf16", str(lively_model_dir), **settings, model=loaded)
+    a = engine.generate(PROMPTS, max_new_tokens=16, seed=7)
+    assert engine.generate(PROMPTS, max_new_tokens=16, seed=7) == a
+    assert engine.generate(PROMPTS, max_new_tokens=16, seed=8) != a
+    assert local_generator("torch-bf16", str(lively_model_dir), **settings).generate(PROMPTS, max_new_tokens=16, seed=7) == a
+    assert engine.model.dtype == torch.bfloat16 and loaded.dtype == torch.float32
+    assert engine.describe() == {"backend": "torch-bf16", "engine": f"torch {torch.__version__} (alignflow decoding)",
+                                 "model": str(lively_model_dir), "chat_template": True}
+    ids = engine.generate_ids(PROMPTS, max_new_tokens=16, seed=7, min_new_tokens=16)
+    assert all(len(row) == 16 for row in ids)  # no end of sequence before min_new_tokens

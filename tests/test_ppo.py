@@ -129,10 +129,12 @@ def test_large_beta_keeps_the_policy_near_the_reference():
     assert free[-1]["kl"] > 4 and free[-1]["reward"] > held[-1]["reward"] + 1
 
 
-def test_engine_rollouts_are_scored_with_the_training_models_logprobs(lively_model_dir):
-    """ppo.rollout_backend onnx-fp32: the responses in the rollout are the engine's samples (an export of the policy's
-    current weights, LoRA merged into a copy), each through its EOS, and their log-probs are the training model's on
-    exactly those tokens; the reference's are the adapter disabled. The training model is left unmerged."""
+@pytest.mark.parametrize("backend", ["onnx-fp32", "torch-bf16"])
+def test_engine_rollouts_are_scored_with_the_training_models_logprobs(backend, lively_model_dir):
+    """ppo.rollout_backend onnx-fp32 / torch-bf16: the responses in the rollout are the engine's samples (an export, or
+    a bf16 copy, of the policy's current weights, LoRA merged into a copy), each through its EOS, and their log-probs
+    are the training model's on exactly those tokens (fp32); the reference's are the adapter disabled. The training
+    model is left unmerged and in fp32."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -143,7 +145,7 @@ def test_engine_rollouts_are_scored_with_the_training_models_logprobs(lively_mod
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(lively_model_dir),
                             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     value = AutoModelForSequenceClassification.from_pretrained(lively_model_dir, num_labels=1)
-    engine = engine_sampler("onnx-fp32", str(lively_model_dir), temperature=1.0, max_new_tokens=10, batch_size=4)
+    engine = engine_sampler(backend, str(lively_model_dir), temperature=1.0, max_new_tokens=10, batch_size=4)
     sampled = []
 
     def spy(model, prompts):
@@ -168,3 +170,4 @@ def test_engine_rollouts_are_scored_with_the_training_models_logprobs(lively_mod
     torch.testing.assert_close(ro.ref_logprobs, reference)
     assert (ro.logprobs - ro.ref_logprobs).abs().sum() > 0  # the adapter is live in the training model
     assert hasattr(policy, "disable_adapter") and any("lora_A" in n for n, _ in policy.named_parameters())
+    assert all(p.dtype == torch.float32 for p in policy.parameters())

@@ -24,7 +24,7 @@ import torch
 from alignflow.align.methods import load, method
 from alignflow.align.policy import harmful_flags, headline, load_policy, save, start_path, train_and_eval_prompts
 from alignflow.core.io import InputError
-from alignflow.core.judges import request_text, rule_checks, rule_score
+from alignflow.core.judges import rules_score
 from alignflow.core.models import Source, load_tokenizer
 from alignflow.core.params import Params
 from alignflow.core.reward import conversation_ids, score
@@ -38,11 +38,8 @@ def reward_function(params: Params, device: str):
     """f(prompts, completions, harmful) -> rewards, as TRL calls it: the reward model's score of the conversation
     (the same tokens as PPO and the evaluation: core.reward.conversation_ids), or the rules judge's score."""
     if params.grpo.reward == "rules":
-        pref = params.preferences
-
         def rules(prompts, completions, harmful, **_):
-            return [float(rule_score(rule_checks(request_text(p), c[-1]["content"], h, pref.rules_min_tokens,
-                                                 pref.rules_max_tokens))) for p, c, h in zip(prompts, completions, harmful)]
+            return [float(rules_score(p, c[-1]["content"], h, params.preferences)) for p, c, h in zip(prompts, completions, harmful)]
 
         return rules
     from transformers import AutoModelForSequenceClassification

@@ -11,13 +11,17 @@
 - `OnnxGenerator`: ONNX Runtime GenAI on the CPU (backends `onnx-int4`, `onnx-int8`, `onnx-fp32`): the checkpoint
   (LoRA merged) is exported once by ORT GenAI's model builder into a cache keyed by a hash of its weights, so an
   unchanged model is never exported twice and a changed one never reuses a stale export
-  (`$ALIGNFLOW_CACHE`, default `~/.cache/alignflow`). 5-6x faster than transformers at batch 1 on two cores
-  (benchmarks/results/generation.json).
+  (`$ALIGNFLOW_CACHE`, default `~/.cache/alignflow`). fp32: the fastest exact engine at batch 1 (2.5x transformers'
+  `generate` on two cores); int4 / int8: 6-7x at batch 1, another model's answers.
+- `TorchGenerator`: the checkpoint (LoRA merged) on torch, sampled by our decoding loop (core/decoding.py; backends
+  `torch-fp32`, exact, and `torch-bf16`, the fastest at batch 32 on a CPU with AVX512-BF16: 2.9x `generate`).
+  Numbers: benchmarks/results/generation.json.
 
-All four expose `generate(prompts, *, max_new_tokens, seed, stop=None) -> list[str]` (the `Generator`
+All five expose `generate(prompts, *, max_new_tokens, seed, stop=None) -> list[str]` (the `Generator`
 protocol; a reply is cut at its first stop string) and `describe()`, the provenance recorded beside each
 generated example (no secrets in it: backend, engine and its version, model). The local backends also have
-`generate_ids(prompts, *, max_new_tokens, seed, min_new_tokens=0) -> list[list[int]]`, the new tokens. A prompt is a string (one user turn) or a list of chat messages;
+`generate_ids(prompts, *, max_new_tokens, seed, min_new_tokens=0) -> list[list[int]]`, the new tokens, and the ONNX
+and torch engines `sample_ids(prompt_ids, ...)`, an RL rollout's new tokens through their end-of-sequence token. A prompt is a string (one user turn) or a list of chat messages;
 the local backends take chat messages only with `chat_template` on.
 """
 
@@ -179,7 +183,53 @@ class VLLMGenerator:
         return [_cut_at_stop(o.outputs[0].text, stop) for o in outputs]
 
 
-class OnnxGenerator:
+class _LocalEngine:
+    """What the ONNX and torch engines share: prompts rendered and tokenised here, sorted by length into batches
+    (a batch is padded to its longest prompt), each batch's new tokens from `_batch`, answers back in prompt order."""
+
+    tokenizer: Any
+    chat_template: bool
+    batch_size: int
+    pad_id: int
+
+    def _render(self, prompt: Prompt) -> str:
+        return TransformersGenerator._render(self, prompt)  # type: ignore[arg-type]
+
+    def _batch(self, rows: list[list[int]], max_new_tokens: int, seed: int, min_new_tokens: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def generate_ids(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, min_new_tokens: int = 0,
+                     stop: list[str] | None = None) -> list[list[int]]:
+        encoded = [self.tokenizer(self._render(p), add_special_tokens=not self.chat_template)["input_ids"] for p in prompts]
+        raw = self._run(encoded, max_new_tokens, seed, min_new_tokens)
+        return [_until_eos(new, self.tokenizer.eos_token_id, self.pad_id) for new in raw]
+
+    def sample_ids(self, prompt_ids: list[list[int]], *, max_new_tokens: int, seed: int) -> list[list[int]]:
+        """New tokens for prompts already tokenised, each up to and including its end-of-sequence token (where a
+        policy's action ends), as an RL rollout takes them."""
+        eos, out = self.tokenizer.eos_token_id, []
+        for new in self._run(prompt_ids, max_new_tokens, seed, 0):
+            kept = _until_eos(new, eos, self.pad_id)
+            out.append(kept + [eos] if len(kept) < len(new) and new[len(kept)] == eos else kept)
+        return out
+
+    def _run(self, encoded: list[list[int]], max_new_tokens: int, seed: int, min_new_tokens: int) -> list[list[int]]:
+        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
+        outputs: list[list[int]] = [[] for _ in encoded]
+        batches = list(range(0, len(encoded), self.batch_size))
+        for number, start in enumerate(tqdm(batches, desc="generate", unit="batch", leave=False, disable=len(batches) < 2)):
+            members = order[start : start + self.batch_size]
+            new = self._batch([encoded[i] for i in members], max_new_tokens, seed + number, min_new_tokens)
+            for i, tokens in zip(members, new):
+                outputs[i] = tokens
+        return outputs
+
+    def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
+        ids = self.generate_ids(prompts, max_new_tokens=max_new_tokens, seed=seed)
+        return [_cut_at_stop(text, stop) for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+class OnnxGenerator(_LocalEngine):
     """ONNX Runtime GenAI on the CPU: the checkpoint exported (once per distinct weights) at `precision`
     (int4 / int8: weight-only quantized MatMuls with int8 activations; fp32: the weights as they are)."""
 
@@ -203,57 +253,67 @@ class OnnxGenerator:
         return {"backend": f"onnx-{self.precision}", "engine": f"onnxruntime-genai {self.og.__version__}",
                 "model": self.model_path, "chat_template": self.chat_template}
 
-    def _render(self, prompt: Prompt) -> str:
-        return TransformersGenerator._render(self, prompt)  # type: ignore[arg-type]
-
-    def generate_ids(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, min_new_tokens: int = 0,
-                     stop: list[str] | None = None) -> list[list[int]]:
-        encoded = [self.tokenizer(self._render(p), add_special_tokens=not self.chat_template)["input_ids"] for p in prompts]
-        raw = self._run(encoded, max_new_tokens, seed, min_new_tokens)
-        return [_until_eos(new, self.tokenizer.eos_token_id, self.pad_id) for new in raw]
-
-    def sample_ids(self, prompt_ids: list[list[int]], *, max_new_tokens: int, seed: int) -> list[list[int]]:
-        """New tokens for prompts already tokenised, each up to and including its end-of-sequence token (where a
-        policy's action ends), as an RL rollout takes them."""
-        eos, out = self.tokenizer.eos_token_id, []
-        for new in self._run(prompt_ids, max_new_tokens, seed, 0):
-            kept = _until_eos(new, eos, self.pad_id)
-            out.append(kept + [eos] if len(kept) < len(new) and new[len(kept)] == eos else kept)
-        return out
-
-    def _run(self, encoded: list[list[int]], max_new_tokens: int, seed: int, min_new_tokens: int) -> list[list[int]]:
+    def _batch(self, rows: list[list[int]], max_new_tokens: int, seed: int, min_new_tokens: int) -> list[list[int]]:
         import numpy as np
 
-        # batches of similar lengths (a batch is padded to its longest prompt); answers go back in prompt order
-        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
-        outputs: list[list[int]] = [[] for _ in encoded]
-        batches = list(range(0, len(encoded), self.batch_size))
-        for number, start in enumerate(tqdm(batches, desc="generate", unit="batch", leave=False, disable=len(batches) < 2)):
-            members = order[start : start + self.batch_size]
-            rows = [encoded[i] for i in members]
-            width = max(map(len, rows))
-            # ORT GenAI reads a batch right-padded with the model's pad token (never a prompt's token; see onnx_export)
-            ids = np.full((len(rows), width), self.pad_id, dtype=np.int32)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)] = row
-            params = self.og.GeneratorParams(self.engine)
-            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0,
-                        "random_seed": seed + number} if self.temperature > 0 else {"do_sample": False}
-            params.set_search_options(batch_size=len(rows), max_length=width + max_new_tokens,
-                                      min_length=width + min_new_tokens if min_new_tokens else 0, **sampling)
-            generator = self.og.Generator(self.engine, params)
-            generator.append_tokens(ids)
-            while not generator.is_done():
-                generator.generate_next_token()
-            for row, i in enumerate(members):  # a sequence is its padded prompt, then the new tokens
-                outputs[i] = [int(t) for t in generator.get_sequence(row)[width : width + max_new_tokens]]
-        return outputs
-
-    def generate(self, prompts: list[Prompt], *, max_new_tokens: int, seed: int, stop: list[str] | None = None) -> list[str]:
-        ids = self.generate_ids(prompts, max_new_tokens=max_new_tokens, seed=seed)
-        return [_cut_at_stop(text, stop) for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        width = max(map(len, rows))
+        # ORT GenAI reads a batch right-padded with the model's pad token (never a prompt's token; see onnx_export)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int32)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        params = self.og.GeneratorParams(self.engine)
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0,
+                    "random_seed": seed} if self.temperature > 0 else {"do_sample": False}
+        params.set_search_options(batch_size=len(rows), max_length=width + max_new_tokens,
+                                  min_length=width + min_new_tokens if min_new_tokens else 0, **sampling)
+        generator = self.og.Generator(self.engine, params)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        # a sequence is its padded prompt, then the new tokens
+        return [[int(t) for t in generator.get_sequence(row)[width : width + max_new_tokens]] for row in range(len(rows))]
 
 
+class TorchGenerator(_LocalEngine):
+    """The checkpoint (LoRA merged) on torch in `dtype`, sampled by our decoding loop (core/decoding.py). `bf16` on a
+    CPU with AVX512-BF16 / AMX runs oneDNN's bf16 kernels: 2x fp32's matrix products (benchmarks/results/generation.json);
+    `fp32` computes what transformers computes. `model`: the checkpoint already loaded, left as it is (a copy is cast)."""
+
+    def __init__(self, model_path: str, *, dtype: str, temperature: float, top_p: float, batch_size: int,
+                 chat_template: bool, model: Any = None):
+        import copy
+
+        import torch
+
+        from alignflow.core.models import Source, load_for_inference, load_tokenizer
+
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(f"torch dtype must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
+        self.model_path, self.dtype, self.temperature, self.top_p = model_path, dtype, temperature, top_p
+        self.batch_size, self.chat_template = batch_size, chat_template
+        self.tokenizer = load_tokenizer(Source(model_path))
+        torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+        if model is None:  # merged in fp32, then cast: the merge itself is not rounded
+            model = load_for_inference(model_path, dtype="float32")
+        elif model.dtype != torch_dtype:
+            model = copy.deepcopy(model)
+        self.model = model.to(dtype=torch_dtype).eval()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        return {"backend": f"torch-{self.dtype}", "engine": f"torch {torch.__version__} (alignflow decoding)",
+                "model": self.model_path, "chat_template": self.chat_template}
+
+    def _batch(self, rows: list[list[int]], max_new_tokens: int, seed: int, min_new_tokens: int) -> list[list[int]]:
+        from alignflow.core.decoding import decode
+
+        return decode(self.model, rows, pad_id=self.pad_id, eos_ids=[self.tokenizer.eos_token_id], max_new_tokens=max_new_tokens,
+                      seed=seed, temperature=self.temperature, top_p=self.top_p, min_new_tokens=min_new_tokens)
+
+
+TORCH_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 ONNX_PRECISIONS = ("int4", "int8", "fp32")
 MAX_ONNX_BATCH = 32  # onnxruntime-genai 0.18's generator takes at most 32 sequences at once
 
@@ -348,17 +408,20 @@ def resolve_backend(backend: str, model_path: str | None = None) -> str:
 def local_generator(backend: str, model_path: str, *, temperature: float, top_p: float, batch_size: int,
                     chat_template: bool, seed: int, model: Any = None) -> "TransformersGenerator | OnnxGenerator | VLLMGenerator":
     """The generator for a local checkpoint: `auto` (see resolve_backend), `onnx-<precision>` (ONNX Runtime GenAI,
-    CPU), `transformers` (batched, any device; the fallback for checkpoints the ONNX export cannot take) or `vllm`
-    (offline engine, GPU). `model`: the checkpoint already loaded (by a stage that also scores with it), to export
+    CPU), `torch-<dtype>` (our decoding loop), `transformers` (batched, any device; the fallback for checkpoints that
+    cannot be merged: prefix and bottleneck adapters) or `vllm` (offline engine, GPU). `model`: the checkpoint already loaded (by a stage that also scores with it), to export
     without loading it again."""
     backend = resolve_backend(backend, model_path)
     if backend == "vllm":
         return VLLMGenerator(model_path, temperature=temperature, top_p=top_p, chat_template=chat_template, seed=seed)
-    if backend.startswith("onnx-"):
-        if _mergeable(model_path):
+    if backend.startswith(("onnx-", "torch-")):
+        if _mergeable(model_path) and backend.startswith("onnx-"):
             return OnnxGenerator(model_path, precision=backend.removeprefix("onnx-"), temperature=temperature, top_p=top_p,
                                  batch_size=batch_size, chat_template=chat_template, model=model)
-        log.warning("%s is a prefix / bottleneck adapter, which the ONNX export cannot merge: generating with transformers", model_path)
+        if _mergeable(model_path):
+            return TorchGenerator(model_path, dtype=backend.removeprefix("torch-"), temperature=temperature, top_p=top_p,
+                                  batch_size=batch_size, chat_template=chat_template, model=model)
+        log.warning("%s is a prefix / bottleneck adapter, which %s cannot merge: generating with transformers", model_path, backend)
     return TransformersGenerator(model_path, temperature=temperature, top_p=top_p, batch_size=batch_size,
                                  chat_template=chat_template)
 

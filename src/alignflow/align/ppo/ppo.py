@@ -61,18 +61,20 @@ def ppo_config(params: Params) -> PPOConfig:
 
 
 def engine_sampler(backend: str, tokenizer_path: str, temperature: float, max_new_tokens: int, batch_size: int):
-    """Rollouts on an inference engine (`ppo.rollout_backend: onnx-<precision>`), as OpenRLHF and verl sample with vLLM:
-    each call exports the policy's current weights (a merged copy with LoRA; the training model is left as it is) and
-    samples there; PPOTrainer then scores the samples with the training model's log-probs, so the PPO maths is the
-    same. The seed of each call is drawn from torch's seeded generator (restored on resume)."""
+    """Rollouts on an inference engine (`ppo.rollout_backend: torch-<dtype>` or `onnx-<precision>`), as OpenRLHF and
+    verl sample with vLLM: each call hands the policy's current weights to the engine (a merged copy with LoRA; the
+    training model is left as it is) and samples there; PPOTrainer then scores the samples with the training model's
+    log-probs, so the PPO maths is the same. The seed of each call is drawn from torch's seeded generator (restored on
+    resume)."""
     import copy
 
-    from alignflow.core.generation import OnnxGenerator
+    from alignflow.core.generation import local_generator
 
     def sample(policy, prompts: list[list[int]]) -> list[list[int]]:
-        weights = copy.deepcopy(policy).merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
-        engine = OnnxGenerator(tokenizer_path, precision=backend.removeprefix("onnx-"), temperature=temperature, top_p=1.0,
-                               batch_size=batch_size, chat_template=False, model=weights)
+        weights = copy.deepcopy(policy)  # the engine may cast or switch modes; the training model stays as it is
+        weights = weights.merge_and_unload() if hasattr(weights, "merge_and_unload") else weights
+        engine = local_generator(backend, tokenizer_path, temperature=temperature, top_p=1.0, batch_size=batch_size,
+                                 chat_template=False, seed=0, model=weights)
         return engine.sample_ids(prompts, max_new_tokens=max_new_tokens, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
 
     return sample
