@@ -68,7 +68,7 @@ def _bad(tmp_path, section, key, value, drop=None):
         ("filter", "rouge_treshold", 0.7, r"filter\.rouge_treshold: unknown key 'rouge_treshold'; expected one of: .*rouge_threshold"),
         ("self_instruct", "batch_size", "eight", r"self_instruct\.batch_size: 'eight' is not of type 'integer'"),
         ("filter", "rouge_threshold", 1.5, r"filter\.rouge_threshold: 1\.5 is greater than the maximum of 1"),
-        ("self_instruct", "backend", "llamacpp", r"self_instruct\.backend: 'llamacpp' is not one of \['auto', 'onnx-int4', 'onnx-int8', 'onnx-fp32', 'transformers', 'openai', 'vllm'\]"),
+        ("self_instruct", "backend", "llamacpp", r"self_instruct\.backend: 'llamacpp' is not one of \['auto', 'torch-fp32', 'torch-bf16', 'onnx-int4', 'onnx-int8', 'onnx-fp32', 'transformers', 'openai', 'vllm'\]"),
     ],
 )
 def test_bad_value_names_file_line_key(tmp_path, section, key, value, expected):
