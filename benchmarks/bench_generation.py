@@ -123,12 +123,12 @@ def hf_engine(model_dir: str, static_compile: bool = False):
     return setup, generate
 
 
-def alignflow_engine(model_dir: str, backend: str, batch: int):
+def alignflow_engine(model_dir: str, backend: str, batch: int, model=None):
     sys.path.insert(0, str(ROOT / "src"))
     from alignflow.core.generation import local_generator
 
     start = time.perf_counter()
-    generator = local_generator(backend, model_dir, batch_size=batch, chat_template=True, seed=0, **SETTINGS)
+    generator = local_generator(backend, model_dir, batch_size=batch, chat_template=True, seed=0, model=model, **SETTINGS)
     setup = time.perf_counter() - start
 
     def generate(texts: list[str], seed: int, max_new: int, greedy: bool) -> list[list[int]]:
@@ -181,32 +181,22 @@ def vllm_engine(model_dir: str, dtype: str):
     return setup, generate
 
 
-def torch_int8_engine(model_dir: str):
-    """Our decoding loop (core/decoding.py) on the model with torch's dynamic int8 quantization of every linear layer,
-    the LM head included: int8 weights per output channel, activations quantized per call (fbgemm / oneDNN, VNNI where
-    the CPU has it). Measured here as a candidate for the batch target, not a backend."""
+def torch_int8_engine(model_dir: str, batch: int):
+    """The project's `torch-fp32` path (our decoding loop, core/decoding.py) on the model with torch's dynamic int8
+    quantization of every linear layer, the LM head included: int8 weights per output channel, activations quantized
+    per call (fbgemm / oneDNN, VNNI where the CPU has it). Measured here as a candidate for the batch target, not a
+    backend."""
     import torch
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    sys.path.insert(0, str(ROOT / "src"))
-    from alignflow.core.decoding import decode
+    from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie it from the embedding
     model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-    setup = time.perf_counter() - start
-
-    def generate(texts: list[str], seed: int, max_new: int, greedy: bool) -> list[list[int]]:
-        ids = tokenizer([chat(tokenizer, t) for t in texts], add_special_tokens=False)["input_ids"]
-        out = decode(model, ids, pad_id=tokenizer.pad_token_id, eos_ids=[tokenizer.eos_token_id], max_new_tokens=max_new,
-                     seed=seed, temperature=0.0 if greedy else SETTINGS["temperature"], top_p=SETTINGS["top_p"],
-                     min_new_tokens=0 if greedy else max_new)
-        return [until_eos(row, tokenizer.eos_token_id) for row in out]
-
-    return setup, generate
+    quantize = time.perf_counter() - start
+    setup, generate = alignflow_engine(model_dir, "torch-fp32", batch, model=model)
+    return quantize + setup, generate
 
 
 def build(engine: str, model_dir: str, batch: int):
@@ -217,7 +207,7 @@ def build(engine: str, model_dir: str, batch: int):
     if engine.startswith("alignflow-"):
         return alignflow_engine(model_dir, engine.removeprefix("alignflow-"), batch)
     if engine == "torch-int8-dynamic":
-        return torch_int8_engine(model_dir)
+        return torch_int8_engine(model_dir, batch)
     if engine.startswith("vllm-cpu-"):
         return vllm_engine(model_dir, {"bf16": "bfloat16", "fp32": "float32"}[engine.split("-")[2]])
     if engine.startswith("ctranslate2-"):
